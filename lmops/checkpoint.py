@@ -1,0 +1,117 @@
+"""Checkpoints: one safetensors file holding everything needed to continue a run exactly.
+
+Model weights, optimizer state and RNG states are tensors; step, configs and optimizer
+hyper-parameters are JSON in the file's metadata. No pickle anywhere, so loading a checkpoint from
+elsewhere cannot run code. Writes are atomic: a temporary file in the same folder is written,
+fsynced and renamed over the old one, so a crash or a full disk leaves the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmops.errors import LmopsError
+from lmops.model import GPT, GPTConfig
+
+FORMAT = "lmops-checkpoint-1"
+
+
+def _model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as embed.weight; safetensors refuses aliases
+    return {f"model.{k}": v.detach().contiguous() for k, v in state.items()}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{idx}.{key}": val.contiguous() for idx, st in sd["state"].items() for key, val in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None,
+                    rng: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None) -> Path:
+    """Atomically write model (+ optimizer, RNG states, JSON-able meta) to path."""
+    tensors = _model_tensors(model)
+    metadata = {"format": FORMAT, "gpt_config": json.dumps(model.cfg.to_dict())}
+    if optimizer is not None:
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        metadata["optim_groups"] = json.dumps(groups)
+    for name, state in (rng or {}).items():
+        tensors[f"rng.{name}"] = state
+    metadata["meta"] = json.dumps(meta or {})
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"the last good checkpoint is intact at {path}" if path.exists() else "no earlier checkpoint"
+        reason = getattr(err, "strerror", None) or str(err)
+        raise LmopsError(f"{path}: could not write checkpoint ({reason}); {kept}; free space and resume") from err
+    return path
+
+
+class Checkpoint:
+    """A checkpoint file read back: configs and meta eagerly, tensors on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "ckpt.safetensors"
+        if not self.path.is_file():
+            raise LmopsError(f"{self.path}: no checkpoint here; train one with `lmops train`")
+        try:
+            self.tensors = load_file(str(self.path))
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise LmopsError(f"{self.path}: not a readable checkpoint ({err})") from None
+        if metadata.get("format") != FORMAT:
+            raise LmopsError(f"{self.path}: not an lmops checkpoint (format {metadata.get('format')!r})")
+        self.gpt_config = GPTConfig(**json.loads(metadata["gpt_config"]))
+        self.meta: dict[str, Any] = json.loads(metadata.get("meta", "{}"))
+        self._groups = json.loads(metadata["optim_groups"]) if "optim_groups" in metadata else None
+
+    def model(self, device: str | torch.device = "cpu") -> GPT:
+        model = GPT(self.gpt_config)
+        self.load_model_into(model)
+        return model.to(device)
+
+    def load_model_into(self, model: GPT) -> None:
+        state = {k.removeprefix("model."): v for k, v in self.tensors.items() if k.startswith("model.")}
+        if model.cfg.tie_embeddings:
+            state["lm_head.weight"] = state["embed.weight"]
+        model.load_state_dict(state, strict=True)
+
+    def load_optimizer_into(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._groups is None:
+            raise LmopsError(f"{self.path}: holds no optimizer state (an exported model?); cannot resume from it")
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, val in self.tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = val
+        optimizer.load_state_dict({"state": state, "param_groups": self._groups})
+
+    def rng(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(f"rng.{name}")

@@ -1,0 +1,256 @@
+"""The `lmops` command: a thin Typer layer over the package. Errors a user can fix print one line."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lmops.errors import LmopsError
+
+app = typer.Typer(
+    help="lmops: a language model from raw text to a monitored endpoint.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+tokenizer_app = typer.Typer(help="Train a tokenizer and encode the corpus into token shards.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+console = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    Optional[Path],
+    typer.Option("--workspace", "-w", envvar="LMOPS_WORKSPACE", show_envvar=True,
+                 help="Workspace folder (holds lmops.yaml). Default: the current folder or its nearest parent with one."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key for this command, e.g. --set train.max_steps=500 (repeatable)."),
+]
+RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name: its checkpoints live in .lmops/runs/RUN.")]
+
+
+def friendly(fn):
+    """Print LmopsError as one line and exit 1; anything else is a bug and keeps its traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LmopsError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def log(msg: str) -> None:
+    console.print(msg, highlight=False, soft_wrap=True)
+
+
+def _workspace_and_config(workspace: Path | None, overrides: list[str] | None):
+    from lmops.config import override
+    from lmops.workspace import find_workspace
+
+    ws = find_workspace(workspace)
+    cfg = ws.config()
+    return ws, (override(cfg, overrides) if overrides else cfg)
+
+
+@app.command()
+@friendly
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder for the new workspace (created if missing).")] = Path("."),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing lmops.yaml.")] = False,
+):
+    """Create a workspace: lmops.yaml (every default with its reason), .lmops/ for state, corpus/ for text."""
+    from lmops.workspace import init_workspace
+
+    ws = init_workspace(directory, force=force)
+    log(f"workspace ready: {ws.root}\n  put .txt/.md files in {ws.root / 'corpus'} (or set data.corpus in lmops.yaml), "
+        "then run `lmops train`")
+
+
+@tokenizer_app.command("train")
+@friendly
+def tokenizer_train(workspace: WorkspaceOpt = None, set_: SetOpt = None):
+    """Train the tokenizer set in lmops.yaml (tokenizer.kind: char or bpe) on the corpus."""
+    from lmops.data.prepare import ensure_tokenizer
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    ensure_tokenizer(ws, cfg, force=True, log=log)
+
+
+@tokenizer_app.command("encode")
+@friendly
+def tokenizer_encode(workspace: WorkspaceOpt = None, set_: SetOpt = None):
+    """Encode the corpus into train/val token shards (numpy memmap files); skipped when nothing changed."""
+    from lmops.data.prepare import prepare
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    out = prepare(ws, cfg, log=log)
+    log(f"token shards current in {out}")
+
+
+@app.command()
+@friendly
+def train(
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    run: RunOpt = "main",
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint, exactly.")] = False,
+    stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (resume later); the schedule still spans train.max_steps.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Train the model in lmops.yaml on the corpus: tokenizer and shards are prepared first if needed.
+
+    Data-parallel on several processes: torchrun --standalone --nproc_per_node 2 --no-python lmops train
+    """
+    from lmops.data.prepare import prepare
+    from lmops.train import train as run_training
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    if _is_main_process():
+        tokens = prepare(ws, cfg, log=log)
+        _copy_tokenizer(ws, ws.run_dir(run))
+    else:
+        tokens = ws.tokens_dir
+    _barrier_if_distributed()
+    result = run_training(cfg, tokens, ws.run_dir(run), resume=resume, stop_at=stop_at,
+                          progress=progress and sys.stderr.isatty(), log=log)
+    if _is_main_process():
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        log(f"step {result.step}: {metrics}\ncheckpoint: {result.checkpoint}")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _barrier_if_distributed() -> None:
+    """Under torchrun, other ranks wait while rank 0 prepares the shards."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from lmops.train import resolve_device
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if resolve_device("auto").type == "cuda" else "gloo")
+        dist.barrier()
+
+
+def _copy_tokenizer(ws, run_dir: Path) -> None:
+    """The run keeps its own copy of the tokenizer, so retraining the workspace's never breaks it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for f in ws.tokenizer_path.parent.glob("*.json"):
+        shutil.copy2(f, run_dir / f.name)
+
+
+@app.command()
+@friendly
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")] = "\n",
+    workspace: WorkspaceOpt = None,
+    run: RunOpt = "main",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint file or run folder; default: the run's.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy; higher is more random.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample among the k likeliest tokens only.")] = 200,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same text.")] = 1337,
+    num_samples: Annotated[int, typer.Option(min=1, help="Independent samples to draw.")] = 1,
+):
+    """Sample text from a trained checkpoint."""
+    from lmops.sample import generate_text
+
+    path = checkpoint
+    if path is None:
+        from lmops.workspace import find_workspace
+
+        path = find_workspace(workspace).run_dir(run)
+    for i, text in enumerate(generate_text(path, prompt, max_tokens, temperature, top_k, top_p, seed, num_samples)):
+        if num_samples > 1:
+            typer.echo(f"--- sample {i + 1}")
+        typer.echo(text)
+
+
+@app.command("export")
+@friendly
+def export(
+    out: Annotated[Path, typer.Argument(help="Folder to write (must be new or empty).")],
+    workspace: WorkspaceOpt = None,
+    run: RunOpt = "main",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty folder.")] = False,
+):
+    """Export a run's model as a Hugging Face LlamaForCausalLM folder (config, safetensors, tokenizer)."""
+    from lmops.checkpoint import Checkpoint
+    from lmops.hf import export_hf
+    from lmops.workspace import find_workspace
+
+    run_dir = find_workspace(workspace).run_dir(run)
+    model = Checkpoint(run_dir).model()
+    path = export_hf(model, out, tokenizer_dir=run_dir, overwrite=overwrite)
+    log(f"exported to {path}; load with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+
+
+@app.command("import")
+@friendly
+def import_(
+    folder: Annotated[Path, typer.Argument(help="A Hugging Face Llama folder (config.json + model.safetensors).")],
+    workspace: WorkspaceOpt = None,
+    run: RunOpt = "imported",
+):
+    """Import a Hugging Face Llama model as a run checkpoint (then `lmops generate --run RUN`)."""
+    from lmops.checkpoint import save_checkpoint
+    from lmops.hf import import_hf
+    from lmops.train import CKPT_NAME
+    from lmops.workspace import find_workspace
+
+    run_dir = find_workspace(workspace).run_dir(run)
+    model = import_hf(folder)
+    save_checkpoint(run_dir / CKPT_NAME, model, meta={"step": 0, "imported_from": str(folder.resolve())})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            shutil.copy2(folder / name, run_dir / name)
+    log(f"imported {model.num_params() / 1e6:.2f}M parameters into run '{run}' ({run_dir})")
+
+
+@app.command()
+@friendly
+def quickstart(
+    directory: Annotated[Path, typer.Argument(help="Folder for the demo workspace.")] = Path("lmops-quickstart"),
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (about 15 per second on 2 CPU cores).")] = 600,
+):
+    """Demo: a workspace on Python's own documentation (no download), a small model trained, and a sample."""
+    from lmops.config import override
+    from lmops.data.corpus import write_demo_corpus
+    from lmops.data.prepare import prepare
+    from lmops.sample import generate_text
+    from lmops.train import train as run_training
+    from lmops.workspace import CONFIG_FILE, Workspace, init_workspace
+
+    root = directory.resolve()
+    ws = Workspace(root) if (root / CONFIG_FILE).exists() else init_workspace(root)
+    write_demo_corpus(root / "corpus")
+    log(f"[bold]1/3[/] workspace {ws.root} with a demo corpus: the documentation that ships with Python")
+    cfg = override(ws.config(), [f"train.max_steps={steps}", "train.eval_interval=200", "train.checkpoint_interval=200"])
+    tokens = prepare(ws, cfg, log=log)
+    _copy_tokenizer(ws, ws.run_dir("main"))
+    log("[bold]2/3[/] training")
+    result = run_training(cfg, tokens, ws.run_dir("main"), progress=sys.stderr.isatty(), log=log)
+    log(f"[bold]3/3[/] sample from {result.checkpoint}:")
+    typer.echo(next(iter(generate_text(ws.run_dir("main"), "The ", 120, 0.8, 200, None, 1337, 1))))
+    log(f"\nnext: cd {ws.root} && lmops generate 'The list'   |   lmops train --help")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""lmops.yaml: one typed config, the one home of defaults.
+
+Every field says why its default is what it is. Unknown keys are rejected with the key named, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmops.errors import LmopsError
+
+CONFIG_FILE = "lmops.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    corpus: list[str] = Field(
+        default_factory=lambda: ["corpus"],
+        description="Files, folders or globs of UTF-8 text, relative to the workspace; a folder means "
+        "every .txt/.md file below it. 'corpus' is the folder `lmops init` creates.",
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1,
+        description="Tail of the token stream held out for validation: 10% as in nanoGPT's "
+        "shakespeare_char, enough for a stable loss estimate on small corpora.",
+    )
+
+
+class TokenizerConfig(Section):
+    kind: Literal["char", "bpe"] = Field(
+        "bpe",
+        description="bpe (byte-level, no unknown tokens, shorter sequences) for real corpora; "
+        "char for tiny corpora and character-level baselines.",
+    )
+    vocab_size: int = Field(
+        4096, ge=260, le=1 << 20,
+        description="BPE only. 4096 fits small corpora: bigger vocabularies leave most rows of the "
+        "embedding untrained and cost softmax time on CPU.",
+    )
+    min_frequency: int = Field(
+        2, ge=1, description="BPE only. A merge must be seen twice; merges seen once are noise."
+    )
+
+
+class ModelConfig(Section):
+    n_layer: int = Field(4, ge=1, description="Depth of a small model that trains in minutes on a CPU.")
+    n_head: int = Field(4, ge=1, description="Head width 32 at d_model 128; fewer heads lose quality.")
+    n_kv_head: int | None = Field(
+        None, ge=1,
+        description="Key/value heads (grouped-query attention); None means n_head (plain "
+        "multi-head), which is best for models this small.",
+    )
+    d_model: int = Field(128, ge=8, description="Width: with 4 layers, about 0.8M parameters.")
+    mlp_hidden: int | None = Field(
+        None, ge=1,
+        description="SwiGLU hidden width; None means 8/3 * d_model rounded up to 32, the Llama rule "
+        "that keeps parameters equal to a 4x GELU MLP.",
+    )
+    block_size: int = Field(
+        128, ge=2, description="Context length in tokens; the cost of attention grows with its square."
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="Rotary base; 10000 is ample for short contexts.")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon, as in Llama.")
+    tie_embeddings: bool = Field(
+        True, description="Share input and output embeddings: fewer parameters, better small models."
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="0: short runs do not overfit, and dropout costs time; raise it for many epochs.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("d_model / n_head must be even (rotary embeddings rotate pairs)")
+        if self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps; a few minutes for the default model on CPU.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch per process.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; raise it to grow the batch without memory."
+    )
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate; small models tolerate a high one.")
+    min_lr: float = Field(1e-4, ge=0, description="Floor of the cosine schedule (about lr/10 or lower).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup: stabilises the first Adam steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices only (not norms).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1, the standard.")
+    beta2: float = Field(
+        0.99, ge=0, lt=1, description="Adam beta2: 0.99 rather than 0.999 because batches are small."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm; 0 turns it off.")
+    eval_interval: int = Field(250, ge=1, description="Steps between evaluations on the held-out split.")
+    eval_batches: int = Field(
+        20, ge=1, description="Batches per evaluation: a loss estimate within about 1% on small corpora."
+    )
+    checkpoint_interval: int = Field(
+        250, ge=1, description="Steps between checkpoints (also written at the end and on Ctrl-C)."
+    )
+    seed: int = Field(1337, description="Seeds weights, batches and dropout: same seed, same run.")
+    device: str = Field("auto", description="auto picks cuda when present, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA GPUs that support it, float32 on CPU (bf16 autocast "
+        "is slower than float32 for small models on CPU, see benchmarks/README.md).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model: faster steps, but a compile pause at the start."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for PyTorch; None keeps PyTorch's choice (one per core)."
+    )
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _one_line(err: ValidationError, source: str) -> LmopsError:
+    """The first problem, as '<file>: key a.b: what is wrong'."""
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        known = _known_keys(Config, e["loc"])
+        close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+        return LmopsError(f"{source}: unknown key '{key}'{hint}")
+    msg = e["msg"].removeprefix("Value error, ")
+    where = f"key '{key}'" if key else "config"
+    return LmopsError(f"{source}: {where}: {msg}")
+
+
+def parse_config(data: dict[str, Any] | None, source: str = CONFIG_FILE) -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise _one_line(err, source) from None
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmopsError(f"{path}: not found; run `lmops init` to create a workspace") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LmopsError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise LmopsError(f"{path}: expected a mapping of sections (data, tokenizer, model, train)")
+    return parse_config(data, str(path))
+
+
+def override(cfg: Config, assignments: list[str]) -> Config:
+    """Apply 'section.key=value' overrides (value parsed as YAML) and validate again."""
+    data = cfg.to_dict()
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2:
+            raise LmopsError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=500")
+        data.setdefault(parts[0], {})
+        if not isinstance(data[parts[0]], dict):
+            raise LmopsError(f"--set {item!r}: unknown section '{parts[0]}'")
+        data[parts[0]][parts[1]] = yaml.safe_load(value)
+    return parse_config(data, "--set")
+
+
+def render_default_yaml() -> str:
+    """lmops.yaml as `lmops init` writes it: every key, its default and the reason for it."""
+    lines = ["# lmops workspace config. Every key is optional; shown here with its default and why.", ""]
+    defaults = Config()
+    for section, field in Config.model_fields.items():
+        lines.append(f"{section}:")
+        model = field.annotation
+        values = getattr(defaults, section)
+        for key, f in model.model_fields.items():
+            if f.description:
+                lines.append(f"  # {f.description}")
+            value = yaml.safe_dump({key: getattr(values, key)}, default_flow_style=True, width=1000)
+            lines.append("  " + value.strip()[1:-1])
+        lines.append("")
+    return "\n".join(lines)

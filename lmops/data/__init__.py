@@ -1,0 +1,1 @@
+"""Reading text: the corpus a model is trained on."""

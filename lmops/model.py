@@ -1,0 +1,254 @@
+"""The whole model in one file: a decoder-only transformer of the Llama family.
+
+RMSNorm, rotary position embeddings (the "rotate half" layout Hugging Face Llama uses, so export is
+a renaming of weights), SwiGLU MLP, PyTorch's scaled_dot_product_attention, optional grouped-query
+attention and tied embeddings, and a KV-cache forward for generation.
+
+Query/key/value and gate/up projections are fused into one matrix each: on small widths a CPU spends
+more time launching matmuls than in them, so one large matmul beats three small ones. The Hugging
+Face converter (lmops/hf.py) splits them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Resolved architecture (no defaults here: they live in lmops.config.ModelConfig)."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    mlp_hidden: int
+    block_size: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_settings(cls, model_cfg, vocab_size: int) -> GPTConfig:
+        """From lmops.config.ModelConfig: fill n_kv_head and mlp_hidden when left to None."""
+        d = model_cfg.model_dump()
+        d["n_kv_head"] = d["n_kv_head"] or d["n_head"]
+        d["mlp_hidden"] = d["mlp_hidden"] or 32 * math.ceil(8 * d["d_model"] / 3 / 32)
+        return cls(vocab_size=vocab_size, **d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim/2), computed in float32 as Hugging Face does."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); rotate the pair (x[i], x[i + D/2]) by the position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences that advance together."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qk, v = self.qkv(x).split([(H + KV) * D, KV * D], dim=-1)
+        # queries and keys rotate in one call: half the elementwise launches
+        qk = apply_rope(qk.view(B, T, H + KV, D).transpose(1, 2), cos, sin)
+        q, k = qk.split([H, KV], dim=1)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if KV != H:
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype == torch.bfloat16:
+            # PyTorch's CPU flash attention is about 4x slower backwards in bf16 than in fp32, and
+            # autocast would cast back to bf16: attend in fp32 with autocast off.
+            with torch.autocast("cpu", enabled=False):
+                y = self._attend(q.float(), k.float(), v.float(), mask).to(dtype)
+        else:
+            y = self._attend(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def _attend(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+        )
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache, mask):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg, cfg.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scaling: each residual branch adds to the stream, so shrink the projections into it.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets also the mean cross-entropy.
+
+        With a cache, idx continues the cached sequences at position cache.pos.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if start > 0 and T > 1:  # new tokens see the whole cache and, causally, each other
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay matrices (linears, embeddings); never norms."""
+        params = {id(p): p for p in self.parameters()}.values()
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 stop_token: int | None = None) -> torch.Tensor:
+        """Continue idx (B, T) by up to max_new_tokens, using a KV cache.
+
+        When a sequence reaches block_size, the cache restarts from its last block_size/2 tokens
+        (the model never saw longer contexts, so the window slides).
+        """
+        was_training = self.training
+        self.eval()
+        block = self.cfg.block_size
+        out = idx
+        cache = KVCache(self.cfg, idx.shape[0], block, idx.device, self.embed.weight.dtype)
+        pending = idx[:, -block:]
+        for _ in range(max_new_tokens):
+            if cache.pos + pending.shape[1] > block:
+                cache.pos = 0
+                pending = out[:, -(block // 2):]
+            logits = self(pending, cache=cache)[:, -1, :]
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            out = torch.cat((out, nxt), dim=1)
+            pending = nxt
+            if stop_token is not None and bool((nxt == stop_token).all()):
+                break
+        self.train(was_training)
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V) -> (B, 1). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)
