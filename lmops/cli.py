@@ -111,13 +111,9 @@ def train(
     from lmops.train import train as run_training
 
     ws, cfg = _workspace_and_config(workspace, set_)
-    if _is_main_process():
-        tokens = prepare(ws, cfg, log=log)
-        _copy_tokenizer(ws, ws.run_dir(run))
-    else:
-        tokens = ws.tokens_dir
+    tokens = prepare(ws, cfg, log=log) if _is_main_process() else ws.tokens_dir
     _barrier_if_distributed()
-    result = run_training(cfg, tokens, ws.run_dir(run), resume=resume, stop_at=stop_at,
+    result = run_training(cfg, tokens, ws.run_dir(run), ws.tokenizer_path.parent, resume=resume, stop_at=stop_at,
                           progress=progress and sys.stderr.isatty(), log=log)
     if _is_main_process():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
@@ -142,13 +138,6 @@ def _barrier_if_distributed() -> None:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if resolve_device("auto").type == "cuda" else "gloo")
         dist.barrier()
-
-
-def _copy_tokenizer(ws, run_dir: Path) -> None:
-    """The run keeps its own copy of the tokenizer, so retraining the workspace's never breaks it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for f in ws.tokenizer_path.parent.glob("*.json"):
-        shutil.copy2(f, run_dir / f.name)
 
 
 @app.command()
@@ -240,9 +229,8 @@ def quickstart(
     log(f"[bold]1/3[/] workspace {ws.root} with a demo corpus: the documentation that ships with Python")
     cfg = override(ws.config(), [f"train.max_steps={steps}", "train.eval_interval=200", "train.checkpoint_interval=200"])
     tokens = prepare(ws, cfg, log=log)
-    _copy_tokenizer(ws, ws.run_dir("main"))
     log("[bold]2/3[/] training")
-    result = run_training(cfg, tokens, ws.run_dir("main"), progress=sys.stderr.isatty(), log=log)
+    result = run_training(cfg, tokens, ws.run_dir("main"), ws.tokenizer_path.parent, progress=sys.stderr.isatty(), log=log)
     log(f"[bold]3/3[/] sample from {result.checkpoint}:")
     typer.echo(next(iter(generate_text(ws.run_dir("main"), "The ", 120, 0.8, 200, None, 1337, 1))))
     log(f"\nnext: cd {ws.root} && lmops generate 'The list'   |   lmops train --help")

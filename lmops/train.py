@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +164,12 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def train(cfg: Config, tokens_dir: Path, run_dir: Path, resume: bool = False, stop_at: int | None = None,
-          progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | None = None, resume: bool = False,
+          stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Train cfg.model on the shards in tokens_dir; checkpoints and metrics.jsonl go to run_dir.
+
+    tokenizer_dir: copied into run_dir when a run starts, so the run keeps the tokenizer it was
+    trained with however the workspace's changes later.
 
     stop_at: checkpoint and return after this step (the schedule still spans max_steps), so a run can
     be split across sessions and continued with resume=True.
@@ -221,6 +225,9 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, resume: bool = False, st
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None and ddp.main and not resume:
+        for f in Path(tokenizer_dir).glob("*.json"):
+            shutil.copy2(f, run_dir / f.name)
     metrics_file = run_dir / "metrics.jsonl"
     last_step = min(tc.max_steps, stop_at) if stop_at else tc.max_steps
     tokens_per_step = tc.batch_size * tc.grad_accum * ddp.world * block
@@ -249,7 +256,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, resume: bool = False, st
 
     bar = _progress(progress and ddp.main, total=last_step, completed=step)
     say = bar.console.log if bar.tasks else log
-    t_last, tokens_since = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    tokens_since = 0
     try:
         with bar:
             task = bar.tasks[0].id if bar.tasks else None
@@ -283,7 +291,7 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, resume: bool = False, st
                     t_last, tokens_since = now, 0
                 if task is not None:
                     bar.update(task, completed=step, loss=train_loss, tok_s=tok_s)
-                row = {"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s}
+                row = {"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "time": now - t_start}
                 if step % tc.eval_interval == 0 or step == last_step:
                     if ddp.main:
                         metrics = evaluate(model, val_tokens, meta, cfg, device, dtype)

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny workspace on a slice of the demo corpus (no download, seconds to train)."""
+
+import pytest
+
+from lmops.config import override
+from lmops.data.corpus import demo_corpus
+from lmops.workspace import init_workspace
+
+TINY = [
+    "tokenizer.kind=char", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=32",
+    "train.batch_size=4", "train.max_steps=12", "train.warmup_steps=2", "train.eval_interval=6",
+    "train.eval_batches=2", "train.checkpoint_interval=100", "train.dtype=float32", "train.lr=3e-3",
+]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    ws = init_workspace(tmp_path / "ws")
+    (ws.root / "corpus" / "docs.txt").write_text(demo_corpus()[:60_000], encoding="utf-8")
+    return ws
+
+
+@pytest.fixture
+def tiny_sets():
+    """TINY as `lmops --set` items, for tests that run the CLI."""
+    return list(TINY)
+
+
+@pytest.fixture
+def tiny_config(workspace):
+    return override(workspace.config(), TINY)

@@ -1,0 +1,101 @@
+"""The lmops command, run as a user runs it: a real process in a real workspace."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from lmops.cli import app
+
+
+def lmops(*args, cwd=None, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "lmops.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def all_commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from all_commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    commands = list(all_commands(get_command(app)))
+    assert {("init",), ("train",), ("generate",), ("tokenizer", "train"), ("quickstart",), ("export",)} <= set(commands)
+    for cmd in commands:
+        result = runner.invoke(app, [*cmd, "--help"])
+        assert result.exit_code == 0, (cmd, result.output)
+        assert "Usage" in result.output and len(result.output) > 200
+
+
+def test_train_and_generate_from_the_workspace_folder(workspace, tiny_sets):
+    sub = workspace.root / "corpus"  # found from a subfolder
+    sets = [a for item in tiny_sets for a in ("--set", item)]
+    proc = lmops("train", *sets, "--no-progress", cwd=sub)
+    assert "val loss" in proc.stderr and "checkpoint:" in proc.stderr
+    one = lmops("generate", "The ", "--max-tokens", "40", "--seed", "3", cwd=sub).stdout
+    two = lmops("generate", "The ", "--max-tokens", "40", "--seed", "3", cwd=sub).stdout
+    other = lmops("generate", "The ", "--max-tokens", "40", "--seed", "4", cwd=sub).stdout
+    assert one == two and one != other and one.startswith("The ")
+    greedy = lmops("generate", "The ", "--max-tokens", "10", "--temperature", "0", "--workspace", str(workspace.root))
+    assert greedy.stdout.startswith("The ")
+
+
+def test_workspace_from_env_and_clear_errors(tmp_path, workspace):
+    proc = lmops("tokenizer", "train", env={"LMOPS_WORKSPACE": str(workspace.root)}, cwd=tmp_path)
+    assert (workspace.tokenizer_path).exists()
+    proc = lmops("train", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "no lmops.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    (workspace.config_path).write_text("train:\n  max_step: 3\n")
+    proc = lmops("train", "-w", str(workspace.root), check=False)
+    assert proc.returncode == 1 and "unknown key 'train.max_step'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"\x00\x01\x02binary", "binary"),
+    (b"caf\xe9 au lait " * 10, "UTF-8"),
+])
+def test_bad_corpus_is_one_line_naming_the_file(workspace, content, message):
+    (workspace.root / "corpus" / "docs.txt").unlink(missing_ok=True)
+    (workspace.root / "corpus" / "bad.txt").write_bytes(content)
+    proc = lmops("train", "-w", str(workspace.root), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    if content:
+        assert "bad.txt" in proc.stderr
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    lmops("init", str(tmp_path / "w"))
+    assert (tmp_path / "w" / "lmops.yaml").exists() and (tmp_path / "w" / ".lmops").is_dir()
+    proc = lmops("init", str(tmp_path / "w"), check=False)
+    assert proc.returncode == 1 and "--force" in proc.stderr
+
+
+def test_export_then_import_round_trip(workspace, tiny_sets, tmp_path):
+    sets = [a for item in tiny_sets for a in ("--set", item)]
+    lmops("train", "-w", str(workspace.root), *sets, "--set", "train.max_steps=2", "--no-progress")
+    lmops("export", str(tmp_path / "hf"), "-w", str(workspace.root))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    lmops("import", str(tmp_path / "hf"), "-w", str(workspace.root), "-r", "back")
+    a = lmops("generate", "The", "--temperature", "0", "--max-tokens", "12", "-w", str(workspace.root)).stdout
+    b = lmops("generate", "The", "--temperature", "0", "--max-tokens", "12", "-w", str(workspace.root), "-r", "back").stdout
+    assert a == b
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    proc = lmops("quickstart", str(tmp_path / "qs"), "--steps", "20")
+    assert "sample from" in proc.stderr and proc.stdout.strip()
+    assert (tmp_path / "qs" / ".lmops" / "runs" / "main" / "ckpt.safetensors").exists()
