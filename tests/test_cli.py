@@ -99,3 +99,28 @@ def test_quickstart(tmp_path):
     proc = lmops("quickstart", str(tmp_path / "qs"), "--steps", "20")
     assert "sample from" in proc.stderr and proc.stdout.strip()
     assert (tmp_path / "qs" / ".lmops" / "runs" / "main" / "ckpt.safetensors").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workspace, tiny_sets):
+    import json
+    import signal
+    import time
+
+    sets = [a for item in [*tiny_sets, "train.max_steps=100000"] for a in ("--set", item)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmops.cli", "train", "-w", str(workspace.root), *sets, "--no-progress"],
+                            stderr=subprocess.PIPE, text=True)
+    metrics = workspace.run_dir("main") / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "interrupted at step" in err and "Traceback" not in err, err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    from lmops.checkpoint import Checkpoint
+
+    assert Checkpoint(workspace.run_dir("main")).meta["step"] == step >= 3
+    done = lmops("train", "-w", str(workspace.root), *sets[:-2], "--set", f"train.max_steps={step + 2}", "--resume",
+                 "--no-progress")
+    assert f"resuming main at step {step}" in done.stderr
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 2
