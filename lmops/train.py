@@ -256,7 +256,7 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
             + (f", {ddp.world} processes" if ddp.world > 1 else ""))
 
     bar = _progress(progress and ddp.main, total=last_step, completed=step)
-    say = bar.console.log if bar.tasks else log
+    say = bar.console.print if bar.tasks else log
     t_start = t_last = time.perf_counter()
     tokens_since = 0
     try:
