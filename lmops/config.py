@@ -127,11 +127,41 @@ class TrainConfig(Section):
     )
 
 
+class SafetyConfig(Section):
+    """PII, blocklist and prompt-injection rules: one set for data, evaluation and serving."""
+
+
+class StoreConfig(Section):
+    """The metadata store (datasets, pipeline runs, audit log)."""
+
+
+class TrackingConfig(Section):
+    """Experiment tracking and the model registry (MLflow)."""
+
+
+class EvalConfig(Section):
+    """Evaluation and its quality gates."""
+
+
+class RegistryConfig(Section):
+    """Model registration, promotion and approvals."""
+
+
+class PipelineConfig(Section):
+    """The pipeline: ingest -> validate -> tokenize -> train -> evaluate -> register -> promote."""
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -204,9 +234,11 @@ def render_default_yaml() -> str:
     lines = ["# lmops workspace config. Every key is optional; shown here with its default and why.", ""]
     defaults = Config()
     for section, field in Config.model_fields.items():
-        lines.append(f"{section}:")
         model = field.annotation
         values = getattr(defaults, section)
+        if model.__doc__ and model.__doc__ != Section.__doc__:
+            lines.append(f"# {model.__doc__.strip().splitlines()[0]}")
+        lines.append(f"{section}:" if model.model_fields else f"{section}: {{}}")
         for key, f in model.model_fields.items():
             if f.description:
                 lines.append(f"  # {f.description}")
