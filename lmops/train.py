@@ -166,7 +166,8 @@ class TrainResult:
 
 
 def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | None = None, resume: bool = False,
-          stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+          stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+          on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
     """Train cfg.model on the shards in tokens_dir; checkpoints and metrics.jsonl go to run_dir.
 
     tokenizer_dir: copied into run_dir when a run starts, so the run keeps the tokenizer it was
@@ -174,6 +175,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
 
     stop_at: checkpoint and return after this step (the schedule still spans max_steps), so a run can
     be split across sessions and continued with resume=True.
+    on_metrics: called on the main process with each step's row (step, loss, lr, tokens_per_s, time,
+    and val_loss/val_ppl/val_bpb at evaluations), e.g. to log to an experiment tracker.
     """
     from lmops.tokenizer import load_meta, load_tokens
 
@@ -249,6 +252,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         if ddp.main:
             with open(metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            if on_metrics is not None:
+                on_metrics(row)
 
     if ddp.main:
         log(f"model: {model.num_params() / 1e6:.2f}M parameters, {gpt_cfg.n_layer} layers, width {gpt_cfg.d_model}, "
