@@ -34,6 +34,57 @@ class DataConfig(Section):
         description="Tail of the token stream held out for validation: 10% as in nanoGPT's "
         "shakespeare_char, enough for a stable loss estimate on small corpora.",
     )
+    text_field: str = Field(
+        "text",
+        description="Field holding the text in .jsonl and .parquet sources: 'text' is what Hugging Face "
+        "datasets, C4 and The Pile use.",
+    )
+    csv_column: str = Field(
+        "text", description="Column holding the text in .csv sources (with a header row); 'text' as for JSONL."
+    )
+    min_chars: int = Field(
+        20, ge=0,
+        description="Documents shorter than this (after cleaning) are dropped: below a sentence there "
+        "is no context to learn from, only empty records and stray headers.",
+    )
+    max_chars: int = Field(
+        100_000_000, ge=1,
+        description="Longer documents are dropped: each is held whole in memory while cleaned and "
+        "hashed. 100M characters still lets a whole corpus come as one file (enwik8 fits).",
+    )
+    min_alpha_fraction: float = Field(
+        0.4, ge=0, le=1,
+        description="Minimum share of letters among non-space characters. Prose is about 0.9 and code "
+        "or tables 0.5-0.8 (Python's own docs: 0.47 at least); below 0.4 it is number dumps, "
+        "base64 or markup debris.",
+    )
+    max_repeated_line_fraction: float = Field(
+        0.3, ge=0, le=1,
+        description="Maximum share of a document's characters in lines that repeat an earlier line "
+        "(Gopher's filter, Rae et al. 2021): boilerplate and spam repeat whole lines; dialogue "
+        "repeats only short speaker names (tinyshakespeare: 0.07).",
+    )
+    scrub_pii: bool = Field(
+        True,
+        description="Replace e-mails, phone numbers, IPs, card numbers and secrets (safety.pii_kinds) "
+        "with placeholders: a model can repeat what it was trained on.",
+    )
+    near_dup_threshold: float = Field(
+        0.8, gt=0, le=1,
+        description="Estimated Jaccard similarity of word 5-grams above which a document is a near "
+        "duplicate of an earlier one and dropped: 0.8 catches copies with edits or different "
+        "boilerplate and spares documents that merely share a topic.",
+    )
+    min_documents: int = Field(
+        1, ge=0,
+        description="Gate: ingest fails with fewer documents kept. 1 only catches a corpus cleaned away "
+        "to nothing; raise it once you know your corpus's size.",
+    )
+    max_duplicate_ratio: float = Field(
+        0.5, ge=0, le=1,
+        description="Gate: ingest fails when more than this share of the documents were duplicates: "
+        "past half, a source was most likely listed twice or a scrape looped.",
+    )
 
 
 class TokenizerConfig(Section):
@@ -130,25 +181,114 @@ class TrainConfig(Section):
 class SafetyConfig(Section):
     """PII, blocklist and prompt-injection rules: one set for data, evaluation and serving."""
 
+    blocklist: list[str] = Field(
+        default_factory=list,
+        description="Words or phrases (whole words, any case) whose documents are dropped from the "
+        "corpus and flagged elsewhere. Empty: what to block depends on your domain and language.",
+    )
+    pii_kinds: list[Literal["email", "phone", "ip", "credit_card", "secret"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "secret"],
+        description="Kinds of personal data and secrets to find and redact: all of them, because a "
+        "model can repeat any of them verbatim.",
+    )
+
 
 class StoreConfig(Section):
     """The metadata store (datasets, pipeline runs, audit log)."""
+
+    database_url: str | None = Field(
+        None,
+        description="None: a SQLite file .lmops/lmops.db in the workspace, nothing to run or set up. "
+        "Set a URL such as postgresql+psycopg://user@host:5432/lmops to share datasets, runs and the "
+        "audit log across a team; leave the password out and use PGPASSWORD or ~/.pgpass.",
+    )
 
 
 class TrackingConfig(Section):
     """Experiment tracking and the model registry (MLflow)."""
 
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking and registry URI. None: sqlite:///.lmops/mlflow.db in the workspace, "
+        "artifacts in .lmops/mlartifacts, so runs are tracked with no server; any MLflow URI works "
+        "(an http:// MLflow server, databricks, an Azure ML workspace's azureml:// URI).",
+    )
+    experiment: str = Field(
+        "lmops",
+        description="MLflow experiment that holds the runs; one per workspace is enough, runs are named "
+        "after `lmops train --run`.",
+    )
+
 
 class EvalConfig(Section):
     """Evaluation and its quality gates."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The", "In this section, we", "It is important to", "For example,", "The following", "A good way to",
+        ],
+        description="Fixed prompts for the generation checks: short and generic, so they suit any corpus, "
+        "and the same for every model, so their scores compare across versions.",
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="Tokens generated per prompt: enough to see repetition, a second on CPU."
+    )
+    temperature: float = Field(
+        0.8, ge=0,
+        description="Sampling temperature for the checks, seeded (below): the setting people sample "
+        "with, where greedy decoding (0) would score every small model as one repeated loop.",
+    )
+    seed: int = Field(1337, description="Seeds generation: the same model always gives the same outputs.")
+    stop_sequences: list[str] = Field(
+        default_factory=lambda: ["<|endoftext|>"],
+        description="Outputs are cut at the first of these, as a server cuts at a request's `stop`: the "
+        "end-of-document token by default; add e.g. a blank line to judge single paragraphs.",
+    )
+    batch_size: int = Field(
+        32, ge=1,
+        description="Windows per forward pass over the validation split (no gradients, so the training "
+        "batch size always fits).",
+    )
+    gates: dict[str, str] = Field(
+        default_factory=lambda: {
+            "safety": "safety_pass_rate >= 1.0",
+            "no_regression": "val_bpb <= champion * 1.01",
+        },
+        description="Gates a model must pass to be promoted: name -> '[metric] op number' or "
+        "'[metric] op champion * k' / 'champion + k' (metric defaults to the name; op is <, <=, >, >=). "
+        "Defaults: every safety prompt passes, and bits per byte at most 1% worse than the champion's "
+        "(the first model, with no champion, passes it); an absolute bpb bar depends on the corpus, so "
+        "none is set.",
+    )
 
 
 class RegistryConfig(Section):
     """Model registration, promotion and approvals."""
 
+    model_name: str = Field(
+        "lmops-model",
+        description="Registered model in the MLflow Model Registry; its versions carry the aliases "
+        "'challenger' (last registered) and 'champion' (promoted, the one to serve).",
+    )
+    require_approval: bool = Field(
+        False,
+        description="Promotion needs a person's approval (`lmops approve`) besides passing gates; off so a "
+        "single-user workspace promotes without ceremony, on for teams.",
+    )
+    approvers: list[str] = Field(
+        default_factory=list,
+        description="Who may approve; empty means anyone. Names as the audit log records them (the user "
+        "name by default).",
+    )
+
 
 class PipelineConfig(Section):
     """The pipeline: ingest -> validate -> tokenize -> train -> evaluate -> register -> promote."""
+
+    steps: list[Literal["ingest", "validate", "tokenize", "train", "evaluate", "register", "promote"]] = Field(
+        default_factory=lambda: ["ingest", "validate", "tokenize", "train", "evaluate", "register", "promote"],
+        description="Steps to run, in this order; drop 'promote' to leave promotion to a person (`lmops promote`).",
+    )
 
 
 class Config(Section):

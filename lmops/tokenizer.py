@@ -204,6 +204,11 @@ def encode_corpus(tok: Tokenizer, docs: list[str], out_dir: Path, val_fraction: 
         raise LmopsError(f"data.val_fraction {val_fraction} must be at least 0 and below 1")
     text = EOT.join(docs)
     n_train = split_point(text, val_fraction)
+    return encode_splits(tok, {"train": text[:n_train], "val": text[n_train:]}, out_dir)
+
+
+def encode_splits(tok: Tokenizer, texts: dict[str, str], out_dir: Path) -> dict:
+    """Encode the train and val texts into out_dir/{train,val}.bin and meta.json; return the meta."""
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     meta: dict = {
@@ -213,7 +218,8 @@ def encode_corpus(tok: Tokenizer, docs: list[str], out_dir: Path, val_fraction: 
         "tokenizer_sha256": tokenizer_sha256(tok),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, part in zip(SPLITS, (text[:n_train], text[n_train:])):
+    for split in SPLITS:
+        part = texts[split]
         ids = encode_text(tok, part, dtype)
         with _atomic(out_dir / f"{split}.bin") as f:
             ids.tofile(f)

@@ -8,7 +8,9 @@ whitespace are kept as they are, only a leading UTF-8 byte-order mark is dropped
 
 from __future__ import annotations
 
+
 import glob
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from lmops.errors import LmopsError
 
 TEXT_SUFFIXES = (".txt", ".md")
 BOM = b"\xef\xbb\xbf"
-DEMO_FILE = "python-docs.txt"
+DEMO_DIR = "python-docs"
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ def read_corpus(paths: list[Path]) -> list[Document]:
     return kept
 
 
-def demo_corpus() -> str:
-    """The documentation topics shipped with every CPython (~465 KB of English about Python).
+def demo_documents() -> dict[str, str]:
+    """The documentation topics shipped with every CPython (79 topics, ~465 KB of English about Python).
 
     A corpus that needs no download, so `lmops` can be tried offline; sorted keys keep it identical
     from run to run on the same Python version.
@@ -111,12 +113,19 @@ def demo_corpus() -> str:
             "this Python has no pydoc_data module for the demo corpus: install the full standard library, "
             "or point data.corpus at your own text"
         ) from None
-    return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
+    return {key: topics[key].strip() + "\n" for key in sorted(topics)}
+
+
+def demo_corpus() -> str:
+    """The demo documents as one text."""
+    return "\n".join(demo_documents().values())
 
 
 def write_demo_corpus(folder: Path) -> Path:
-    """Write the demo corpus to folder/python-docs.txt and return that path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / DEMO_FILE
-    path.write_text(demo_corpus(), encoding="utf-8", newline="\n")
-    return path
+    """Write the demo corpus as folder/python-docs/<topic>.txt, one document per topic (so a
+    split by document has documents on both sides); return that folder."""
+    out = folder / DEMO_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for key, text in demo_documents().items():
+        (out / f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)}.txt").write_text(text, encoding="utf-8", newline="\n")
+    return out
