@@ -1,0 +1,1 @@
+"""Revisions, applied in order of their down_revision links (Alembic skips this file)."""

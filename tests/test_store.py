@@ -1,0 +1,312 @@
+"""The metadata store on SQLite and on the PostgreSQL at 127.0.0.1:5432 (skipped when not running).
+
+Each PostgreSQL test gets a schema of its own (search_path in the URL), dropped afterwards. Locking
+and concurrent audit appends are tested with real second processes.
+"""
+
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import exc, text
+
+from lmops.config import parse_config
+from lmops.errors import LmopsError
+from lmops.store import GENESIS, MIGRATIONS, VERSION_TABLE, Base, Store, alembic_config, audit_hash, default_actor
+from lmops.workspace import init_workspace
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+HOLD_LOCK = """
+import sys
+from lmops.store import Store
+store = Store.open(sys.argv[1])
+with store.pipeline_lock():
+    print("locked", flush=True)
+    sys.stdin.readline()
+store.close()
+"""
+
+APPEND = """
+import sys
+from lmops.store import Store
+store = Store.open(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(20):
+    store.audit(sys.argv[2], "test.append", f"item-{i}", {"i": i, "writer": sys.argv[2]})
+store.close()
+"""
+
+
+def _pg_admin():
+    psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[dev]')")
+    try:
+        return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2, autocommit=True)
+    except psycopg.Error as err:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 as postgres/test ({str(err).splitlines()[0]})")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'lmops.db'}"
+        return
+    admin = _pg_admin()
+    schema = f"lmops_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+@pytest.fixture
+def store(url):
+    with Store.open(url) as s:
+        yield s
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_migrated_schema_is_the_orm_schema(store, url):
+    with store.engine.connect() as conn:
+        opts = {"compare_type": True, "compare_server_default": True, "version_table": VERSION_TABLE}
+        ctx = MigrationContext.configure(conn, opts=opts)
+        assert compare_metadata(ctx, Base.metadata) == []
+        head = ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
+        assert ctx.get_current_revision() == head == "0001"
+    with Store.open(url) as again:  # opening a store at head changes nothing
+        assert again.verify_audit().ok
+    assert (MIGRATIONS / "env.py").is_file()
+
+
+def test_datasets(store):
+    a = store.add_dataset("ab12" + "0" * 60, "ab12", "/data/a", None, 3, "alice", {"chars": 100})
+    assert store.add_dataset(a.id, "other", "/elsewhere", None, 9, "bob", {}) == a  # idempotent on id
+    b = store.add_dataset("ab34" + "1" * 60, "ab34", "/data/b", a.id, 2, "bob", {"dropped": {"pii": 1}})
+    assert b.parent == a.id and b.summary == {"dropped": {"pii": 1}} and b.created_at.tzinfo is not None
+    assert store.get_dataset(a.id) == a
+    assert store.get_dataset("ab34") == b  # short id
+    assert store.get_dataset("ab120") == a  # unique prefix of the id
+    with pytest.raises(LmopsError, match=r"dataset 'ab' is ambiguous \(ab12, ab34\); give more characters"):
+        store.get_dataset("ab")
+    with pytest.raises(LmopsError, match="no dataset matches 'zz'"):
+        store.get_dataset("zz")
+    with pytest.raises(LmopsError, match="no dataset matches 'a%'"):  # LIKE wildcards are literal
+        store.get_dataset("a%")
+    with pytest.raises(LmopsError, match="its parent nope is not in the metadata store"):
+        store.add_dataset("cd" * 32, "cdcd", "/data/c", "nope", 1, "bob", {})
+    assert [d.id for d in store.list_datasets()] == [a.id, b.id]
+
+
+def test_pipeline_runs_steps_and_cache(store):
+    run = store.start_pipeline_run("cfg1", "alice")
+    assert run.status == "running" and run.steps == ()
+    ingest = store.start_step(run.id, "ingest", "key-a")
+    assert store.find_cached_step("ingest", "key-a") is None  # still running
+    done = store.finish_step(ingest.id, "succeeded", {"dataset": "ab12"})
+    assert done.duration_s is not None and done.duration_s >= 0 and done.finished_at >= done.started_at
+    train = store.start_step(run.id, "train", "key-b")
+    store.finish_step(train.id, "failed", {}, error="out of memory")
+    finished = store.finish_pipeline_run(run.id, "failed", error="train failed")
+    assert (finished.status, finished.error) == ("failed", "train failed") and finished.duration_s >= 0
+    assert [(s.name, s.status) for s in finished.steps] == [("ingest", "succeeded"), ("train", "failed")]
+
+    run2 = store.start_pipeline_run("cfg1", "bob")
+    hit = store.find_cached_step("ingest", "key-a")
+    assert hit is not None and hit.outputs == {"dataset": "ab12"} and hit.run_id == run.id
+    step = store.start_step(run2.id, "ingest", "key-a")
+    store.finish_step(step.id, "succeeded", hit.outputs, cached=True)
+    assert store.find_cached_step("train", "key-b") is None  # only succeeded steps are reused
+    assert store.find_cached_step("ingest", "key-a").id == step.id  # the latest
+    store.finish_pipeline_run(run2.id, "succeeded")
+    runs = store.list_pipeline_runs(limit=10)
+    assert [r.id for r in runs] == [run2.id, run.id] and runs[0].steps[0].cached
+    assert store.get_pipeline_run(run2.id).started_by == "bob"
+    with pytest.raises(LmopsError, match="no pipeline run 999"):
+        store.get_pipeline_run(999)
+    with pytest.raises(ValueError, match="status 'done'"):
+        store.finish_pipeline_run(run2.id, "done")
+
+
+def test_lock_excludes_a_second_process(store, url):
+    holder = _python(HOLD_LOCK, url)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LmopsError, match=rf"another pipeline run \(pid {holder.pid} on host .+ since .+\) holds "
+                                             r"the workspace lock; wait for it"):
+            with store.pipeline_lock():
+                pass
+        assert store.lock_holder().pid == holder.pid
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=20) == 0
+    finally:
+        holder.kill()
+    assert store.lock_holder() is None  # released on exit
+    with store.pipeline_lock() as me:
+        assert store.lock_holder() == me
+        with pytest.raises(LmopsError, match="holds the workspace lock"):  # not re-entrant
+            with store.pipeline_lock():
+                pass
+    assert store.lock_holder() is None
+
+
+def test_lock_of_a_killed_process_is_taken_over(store, url):
+    holder = _python(HOLD_LOCK, url)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()  # SIGKILL: no chance to release
+    holder.wait(timeout=20)
+    assert store.lock_holder().pid == holder.pid
+    with store.pipeline_lock() as me:
+        assert me.pid != holder.pid
+    with store.engine.begin() as conn:  # a dead pid on another host cannot be checked: kept
+        conn.execute(text("INSERT INTO locks (name, holder, pid, host, acquired_at) VALUES "
+                          "('pipeline', 'carol', :pid, 'elsewhere', CURRENT_TIMESTAMP)"), {"pid": holder.pid})
+    with pytest.raises(LmopsError, match=f"pid {holder.pid} on host elsewhere .*by carol"):
+        with store.pipeline_lock():
+            pass
+    assert store.break_lock().host == "elsewhere"
+    with store.pipeline_lock():
+        pass
+
+
+def test_audit_chain(store):
+    first = store.audit("alice", "dataset.add", "ab12", {"b": 2, "a": 1}, reason="new corpus")
+    assert (first.seq, first.prev_hash) == (1, GENESIS)
+    assert first.hash == audit_hash(1, first.timestamp, "alice", "dataset.add", "ab12", {"a": 1, "b": 2},
+                                    "new corpus", GENESIS)
+    second = store.audit("bob", "model.promote", "m1", {"to": "production"})
+    assert (second.seq, second.prev_hash, second.reason) == (2, first.hash, None)
+    store.audit("bob", "dataset.add", "cd34", {})
+    assert [e.seq for e in store.list_audit()] == [3, 2, 1]
+    assert [e.seq for e in store.list_audit(action="dataset.add")] == [3, 1]
+    assert store.list_audit(subject="m1") == [second]
+    assert [e.seq for e in store.list_audit(limit=1)] == [3]
+    assert store.verify_audit().ok and store.verify_audit().entries == 3
+
+
+def test_audit_log_refuses_update_and_delete(store):
+    store.audit("alice", "x", "y", {})
+    for statement in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"):
+        with pytest.raises(exc.DBAPIError, match="append-only"):
+            with store.engine.begin() as conn:
+                conn.execute(text(statement))
+    assert store.list_audit()[0].actor == "alice"
+
+
+def _drop_append_only_guard(store):
+    """What someone with the database owner's rights can do; the hash chain must still tell."""
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("DROP TRIGGER audit_log_no_update"))
+            conn.execute(text("DROP TRIGGER audit_log_no_delete"))
+        else:
+            conn.execute(text("DROP TRIGGER audit_log_no_update ON audit_log"))
+
+
+def _rehash(store, seq):
+    """Tamper cleverly: fix the edited entry's own hash (but its successor still points at the old one)."""
+    e = next(e for e in store.list_audit(limit=100) if e.seq == seq)
+    digest = audit_hash(e.seq, e.timestamp, e.actor, e.action, e.subject, e.details, e.reason, e.prev_hash)
+    return f"UPDATE audit_log SET hash = '{digest}' WHERE seq = {seq}"
+
+
+TAMPERING = {
+    "edit": (["UPDATE audit_log SET details = '{\"i\":99}' WHERE seq = 3"], 3, "does not match its hash"),
+    "edit-and-rehash": (["UPDATE audit_log SET details = '{\"i\":99}' WHERE seq = 3", "REHASH 3"], 4,
+                        "does not follow entry 3"),
+    "delete": (["DELETE FROM audit_log WHERE seq = 3"], 3, "entry 3 is missing"),
+    "delete-first": (["DELETE FROM audit_log WHERE seq = 1"], 1, "entry 1 is missing"),
+    "swap": (["UPDATE audit_log SET seq = -seq WHERE seq IN (2, 4)", "UPDATE audit_log SET seq = 4 WHERE seq = -2",
+              "UPDATE audit_log SET seq = 2 WHERE seq = -4"], 2, "entry 2 does not match its hash"),
+}
+
+
+@pytest.mark.parametrize("how", TAMPERING)
+def test_audit_tampering_is_detected(store, how):
+    for i in range(5):
+        store.audit("alice", "step", f"s{i}", {"i": i})
+    _drop_append_only_guard(store)
+    statements, bad_seq, reason = TAMPERING[how]
+    for statement in statements:
+        if statement.startswith("REHASH"):
+            statement = _rehash(store, int(statement.split()[1]))
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(statement)
+    result = store.verify_audit()
+    assert not result.ok and result.first_bad_seq == bad_seq and reason in result.reason
+    assert result.entries == bad_seq - 1  # the entries before it are still good
+
+
+def test_concurrent_audit_appends_keep_one_chain(store, url):
+    writers = [_python(APPEND, url, name) for name in ("w1", "w2")]
+    try:
+        for w in writers:
+            assert w.stdout.readline().strip() == "ready"
+        for w in writers:  # go together
+            w.stdin.write("\n")
+            w.stdin.flush()
+        assert [w.wait(timeout=60) for w in writers] == [0, 0]
+    finally:
+        for w in writers:
+            w.kill()
+    assert store.verify_audit() == store.verify_audit().__class__(True, 40)
+    entries = store.list_audit(limit=100)
+    assert sorted(e.seq for e in entries) == list(range(1, 41))
+    assert sorted(e.actor for e in entries) == ["w1"] * 20 + ["w2"] * 20
+
+
+def test_unreachable_database_fails_fast_with_the_password_masked():
+    pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[dev]')")
+    start = time.monotonic()
+    with pytest.raises(LmopsError) as err:
+        Store.open("postgresql://lmops:s3cret@127.0.0.1:1/lmops")
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "postgresql+psycopg://lmops:***@127.0.0.1:1/lmops" in message and "s3cret" not in message
+    assert "check store.database_url" in message and "\n" not in message
+
+
+def test_bad_urls_are_named():
+    with pytest.raises(LmopsError, match="store.database_url is not a database URL"):
+        Store.open("not a url")
+    with pytest.raises(LmopsError, match=r"mysql://u:\*\*\*@h/db: only sqlite and postgresql"):
+        Store.open("mysql://u:pw@h/db")
+
+
+def test_workspace_store(tmp_path, monkeypatch):
+    ws = init_workspace(tmp_path / "ws")
+    with Store.for_workspace(ws) as store:  # default: a SQLite file in .lmops/
+        store.audit(default_actor(), "workspace.init", str(ws.root), {})
+    assert (ws.state / "lmops.db").is_file()
+    cfg = parse_config({"store": {"database_url": "sqlite:///meta/store.db"}})
+    monkeypatch.chdir(tmp_path)
+    with Store.for_workspace(ws, cfg) as store:  # relative to the workspace, not the current folder
+        assert store.verify_audit().entries == 0
+    assert (ws.root / "meta" / "store.db").is_file()
+
+
+def test_default_actor(monkeypatch):
+    monkeypatch.setenv("LMOPS_USER", "ci-bot")
+    assert default_actor() == "ci-bot"
+    monkeypatch.delenv("LMOPS_USER")
+    assert default_actor()
+
+
+def test_a_schema_from_a_newer_lmops_is_named(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lmops.db'}"
+    with Store.open(url) as store, store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    with pytest.raises(LmopsError, match=r"has a schema this lmops does not know .*; upgrade lmops"):
+        Store.open(url)
