@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(help="Train a tokenizer and encode the corpus into token shards.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
+pipeline_app = typer.Typer(help="Run the pipeline (ingest -> validate -> tokenize -> train -> evaluate -> register -> promote) and list its runs.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+audit_app = typer.Typer(help="The audit log: every state change, who, when, what and why, hash-chained.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 console = Console(stderr=True)
 
 WorkspaceOpt = Annotated[
@@ -234,6 +238,110 @@ def quickstart(
     log(f"[bold]3/3[/] sample from {result.checkpoint}:")
     typer.echo(next(iter(generate_text(ws.run_dir("main"), "The ", 120, 0.8, 200, None, 1337, 1))))
     log(f"\nnext: cd {ws.root} && lmops generate 'The list'   |   lmops train --help")
+
+
+def _store(workspace: Path | None, overrides: list[str] | None = None):
+    from lmops.store import Store
+
+    ws, cfg = _workspace_and_config(workspace, overrides)
+    return ws, cfg, Store.for_workspace(ws, cfg)
+
+
+@pipeline_app.command("run")
+@friendly
+def pipeline_run(
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Run this step and all after it again, even if cached.")] = None,
+):
+    """Run the pipeline; steps whose inputs did not change are skipped (cached)."""
+    from lmops.pipeline import run_pipeline
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    result = run_pipeline(ws, cfg, from_step=from_, progress=sys.stderr.isatty(), log=log)
+    if not result.ran:
+        log("nothing changed: every step was cached")
+    log(f"pipeline run {result.run_id}: ran {', '.join(result.ran) or 'nothing'}"
+        + (f"; cached {', '.join(result.cached)}" if result.cached else ""))
+
+
+@pipeline_app.command("list")
+@friendly
+def pipeline_list(workspace: WorkspaceOpt = None, limit: Annotated[int, typer.Option(help="Most recent runs to show.")] = 20):
+    """Recent pipeline runs with their status and steps."""
+    from rich.table import Table
+
+    _, _, store = _store(workspace)
+    with store:
+        table = Table("run", "started", "by", "status", "steps (* = cached)", "seconds")
+        for run in store.list_pipeline_runs(limit):
+            steps = " ".join(f"{st.name}{'*' if st.cached else ''}{'' if st.status == 'succeeded' else '!'}" for st in run.steps)
+            took = f"{run.duration_s:.1f}" if run.duration_s is not None else ""
+            table.add_row(str(run.id), f"{run.started_at:%Y-%m-%d %H:%M:%S}", run.started_by, run.status, steps, took)
+        console.print(table)
+
+
+@pipeline_app.command("show")
+@friendly
+def pipeline_show(run_id: Annotated[str, typer.Argument(help="A run id from `lmops pipeline list`.")], workspace: WorkspaceOpt = None):
+    """One pipeline run: each step's status, cache key, timing, outputs and error."""
+    import json
+
+    _, _, store = _store(workspace)
+    with store:
+        run = store.get_pipeline_run(run_id)
+        log(f"run {run.id}: {run.status} (started {run.started_at:%Y-%m-%d %H:%M:%S} by {run.started_by})"
+            + (f"\n  error: {run.error}" if run.error else ""))
+        for st in run.steps:
+            log(f"  {st.name:9} {st.status:9} {'cached ' if st.cached else ''}key {st.cache_key[:12]}"
+                + (f"  {st.duration_s:.1f} s" if st.duration_s is not None else ""))
+            if st.outputs:
+                log("            " + json.dumps(st.outputs, default=str)[:300])
+            if st.error:
+                log(f"            error: {st.error}")
+
+
+@app.command()
+@friendly
+def unlock(workspace: WorkspaceOpt = None):
+    """Break the workspace's pipeline lock left by a crashed run (check that it really is gone first)."""
+    _, _, store = _store(workspace)
+    with store:
+        holder = store.break_lock()
+        log(f"lock broken (was held by pid {holder.pid} on {holder.host})" if holder else "no lock was held")
+
+
+@audit_app.command("list")
+@friendly
+def audit_list(
+    workspace: WorkspaceOpt = None,
+    limit: Annotated[int, typer.Option(help="Most recent entries to show.")] = 50,
+    subject: Annotated[Optional[str], typer.Option(help="Only entries about this subject, e.g. model:lmops-model/3.")] = None,
+):
+    """Recent audit entries, newest first."""
+    import json
+
+    from rich.table import Table
+
+    _, _, store = _store(workspace)
+    with store:
+        table = Table("seq", "when (UTC)", "who", "action", "subject", "details", "why")
+        for e in store.list_audit(limit, subject=subject):
+            table.add_row(str(e.seq), e.timestamp[:19].replace("T", " "), e.actor, e.action, e.subject,
+                          json.dumps(e.details, sort_keys=True)[:80], e.reason or "")
+        console.print(table)
+
+
+@audit_app.command("verify")
+@friendly
+def audit_verify(workspace: WorkspaceOpt = None):
+    """Check the hash chain of the audit log: any edited, deleted or reordered entry is found."""
+    _, _, store = _store(workspace)
+    with store:
+        result = store.verify_audit()
+    if not result.ok:
+        raise LmopsError(f"audit log TAMPERED at entry {result.first_bad_seq}: {result.reason}")
+    log(f"audit log intact: {result.entries} entries, hash chain verified")
 
 
 def main() -> None:

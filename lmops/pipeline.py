@@ -1,0 +1,268 @@
+"""The pipeline: ingest -> validate -> tokenize -> train -> evaluate -> register -> promote.
+
+Each step's output is cached under a key of its inputs: content hashes of what it reads, the config
+sections it depends on, and the code version. A re-run with nothing changed skips every step and
+says so; change one input and only the steps downstream of it run. Every pipeline run and step is
+recorded in the metadata store (status, timings, outputs); a failing step stops the run, earlier
+outputs stay, and a re-run (or `--from STEP`) continues from there. One pipeline at a time per
+workspace: a lock in the store refuses a second.
+
+Heavy imports (torch, MLflow) happen inside the steps that need them, so a fully cached re-run
+costs little more than hashing the corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lmops.config import Config
+from lmops.errors import LmopsError
+from lmops.workspace import Workspace
+
+STEPS = ("ingest", "validate", "tokenize", "train", "evaluate", "register", "promote")
+NEEDS = {"validate": "ingest", "tokenize": "ingest", "train": "tokenize", "evaluate": "train", "register": "evaluate",
+         "promote": "register"}
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """Hash of the lmops sources: a change to the code invalidates the cache of every step."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        root = Path(__file__).parent
+        _CODE_VERSION = _sha256_json([(str(p.relative_to(root)), _sha256_file(p)) for p in sorted(root.rglob("*.py"))])
+    return _CODE_VERSION
+
+
+def source_files(ws: Workspace, sources: list[str]) -> list[Path]:
+    """The files data.corpus names (files, folders, globs), sorted; what ingest reads."""
+    files: list[Path] = []
+    for src in sources:
+        path = ws.resolve(src)
+        if any(c in src for c in "*?["):
+            files += [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+        elif path.is_dir():
+            files += [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise LmopsError(f"corpus path {path} not found: check data.corpus in lmops.yaml")
+    return sorted(set(files))
+
+
+@dataclass
+class Context:
+    ws: Workspace
+    cfg: Config
+    store: object
+    log: Callable[[str], None]
+    progress: bool
+    actor: str
+    outputs: dict[str, dict] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def audit(self, action: str, subject: str, details: dict, reason: str | None = None) -> None:
+        self.store.audit(self.actor, action, subject, details, reason)
+
+    def section(self, *names: str) -> dict:
+        return {n: getattr(self.cfg, n).model_dump(mode="json") for n in names}
+
+
+# ----------------------------------------------------------------------------- keys: what each step reads
+
+def _key(ctx: Context, name: str, *parts) -> str:
+    return _sha256_json([name, code_version(), *parts])
+
+
+KEYS: dict[str, Callable[[Context], str]] = {
+    "ingest": lambda c: _key(c, "ingest", [(str(p), p.stat().st_size, _sha256_file(p)) for p in source_files(c.ws, c.cfg.data.corpus)],
+                             c.section("data", "safety")),
+    "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.section("data")),
+    "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"], c.section("tokenizer")),
+    "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model", "train")),
+    "evaluate": lambda c: _key(c, "evaluate", c.keys["train"], c.section("evaluate", "safety")),
+    "register": lambda c: _key(c, "register", c.keys["evaluate"], c.section("registry", "tracking")),
+    "promote": lambda c: _key(c, "promote", c.outputs["register"]["version"], c.section("registry")),
+}
+
+
+def _outputs_present(name: str, outputs: dict) -> bool:
+    """A cached step counts only while the files it made are still there."""
+    paths = {"ingest": ["path"], "tokenize": ["tokens_dir", "tokenizer_dir"], "train": ["checkpoint"]}.get(name, [])
+    return all(Path(outputs.get(p, "")).exists() for p in paths)
+
+
+# ----------------------------------------------------------------------------- steps: what each step does
+
+def step_ingest(ctx: Context) -> dict:
+    from lmops.data.dataset import write_dataset
+    from lmops.data.ingest import ingest, render_report
+
+    result = ingest(ctx.cfg.data.corpus, ctx.cfg.data, ctx.cfg.safety, ctx.ws.root, ctx.ws.state, progress=ctx.progress)
+    previous = ctx.store.list_datasets()
+    version = write_dataset(result.documents, result.report, ctx.ws.state, ctx.cfg.data.val_fraction,
+                            parent=previous[-1].id if previous else None)
+    ctx.store.add_dataset(version.id, version.short_id, str(version.path), version.manifest.get("parent"),
+                          len(version.manifest["documents"]), ctx.actor, result.report)
+    ctx.audit("dataset.created", f"dataset:{version.short_id}",
+                    {"id": version.id, "documents": len(version.manifest["documents"])})
+    from rich.console import Console
+
+    Console(stderr=True).print(render_report(result.report))
+    return {"dataset": version.id, "path": str(version.path)}
+
+
+def step_validate(ctx: Context) -> dict:
+    from lmops.data.dataset import load_dataset
+    from lmops.data.ingest import check_gates
+
+    version = load_dataset(ctx.ws.state, ctx.outputs["ingest"]["dataset"])
+    report = json.loads((version.path / "report.json").read_text())
+    failures = check_gates(report, ctx.cfg.data)
+    if failures:
+        raise LmopsError("data gates failed: " + "; ".join(failures))
+    return {"dataset": version.id, "gates": "passed"}
+
+
+def step_tokenize(ctx: Context) -> dict:
+    from lmops.data.dataset import iter_documents, load_dataset
+    from lmops.tokenizer import EOT, encode_splits, save_tokenizer, train_tokenizer
+
+    version = load_dataset(ctx.ws.state, ctx.outputs["ingest"]["dataset"])
+    texts = {split: [text for _, text in iter_documents(version, split)] for split in ("train", "val")}
+    if not texts["val"]:
+        raise LmopsError(f"dataset {version.short_id} has no validation documents; add documents or raise data.val_fraction")
+    tc = ctx.cfg.tokenizer
+    tok = train_tokenizer(texts["train"], tc.kind, tc.vocab_size, tc.min_frequency)
+    out = ctx.ws.state / "pipeline" / "tokenize" / ctx.keys["tokenize"][:16]
+    save_tokenizer(tok, out)
+    meta = encode_splits(tok, {s: EOT.join(t) for s, t in texts.items()}, out)
+    ctx.log(f"tokenizer: {meta['vocab_size']} tokens; {meta['train_tokens']:,} training and {meta['val_tokens']:,} "
+            "validation tokens")
+    return {"tokens_dir": str(out), "tokenizer_dir": str(out), "tokenizer_sha256": meta["tokenizer_sha256"]}
+
+
+def step_train(ctx: Context) -> dict:
+    from lmops import tracking
+    from lmops.train import train
+
+    tok = ctx.outputs["tokenize"]
+    run_dir = ctx.ws.runs_dir / f"pipeline-{ctx.keys['train'][:12]}"
+    with tracking.start_training_run(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], Path(tok["tokenizer_dir"]) / "tokenizer.json",
+                                     run_dir.name) as run:
+        result = train(ctx.cfg, Path(tok["tokens_dir"]), run_dir, Path(tok["tokenizer_dir"]), progress=ctx.progress,
+                       log=ctx.log, on_metrics=run.log_row)
+        tracking.log_checkpoint(run.run_id, result.checkpoint)
+    return {"checkpoint": str(result.checkpoint), "run_dir": str(run_dir), "mlflow_run_id": run.run_id,
+            "metrics": result.metrics}
+
+
+def step_evaluate(ctx: Context) -> dict:
+    from lmops import evaluate, registry
+
+    results = evaluate.evaluate_checkpoint(Path(ctx.outputs["train"]["checkpoint"]), Path(ctx.outputs["tokenize"]["tokens_dir"]), ctx.cfg)
+    evaluate.log_evaluation(ctx.outputs["train"]["mlflow_run_id"], results)
+    champion = registry.champion_metrics(ctx.ws, ctx.cfg)
+    gates = evaluate.check_gates(results, ctx.cfg.evaluate.gates, champion)
+    from rich.console import Console
+
+    Console(stderr=True).print(evaluate.render_gates(gates))
+    return {"results": results, "gates": [g.__dict__ for g in gates], "passed": all(g.passed for g in gates)}
+
+
+def step_register(ctx: Context) -> dict:
+    from lmops import registry
+
+    ev, tr = ctx.outputs["evaluate"], ctx.outputs["train"]
+    version = registry.register(ctx.ws, ctx.cfg, tr["mlflow_run_id"], Path(tr["checkpoint"]), ev["results"], ev["gates"],
+                                ctx.outputs["ingest"]["dataset"], audit=ctx.audit)
+    ctx.log(f"registered {ctx.cfg.registry.model_name} version {version} (alias challenger)")
+    return {"version": str(version)}
+
+
+def step_promote(ctx: Context) -> dict:
+    from lmops import registry
+
+    version = registry.promote(ctx.ws, ctx.cfg, ref=ctx.outputs["register"]["version"], audit=ctx.audit)
+    ctx.log(f"promoted {ctx.cfg.registry.model_name} version {version} to champion")
+    return {"champion": str(version)}
+
+
+RUN: dict[str, Callable[[Context], dict]] = {
+    "ingest": step_ingest, "validate": step_validate, "tokenize": step_tokenize, "train": step_train,
+    "evaluate": step_evaluate, "register": step_register, "promote": step_promote,
+}
+
+
+# ----------------------------------------------------------------------------- the runner
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    ran: list[str]
+    cached: list[str]
+    outputs: dict[str, dict]
+
+
+def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progress: bool = False,
+                 log: Callable[[str], None] = print) -> PipelineResult:
+    from lmops.store import Store, default_actor
+
+    steps = list(cfg.pipeline.steps)
+    for i, name in enumerate(steps):
+        if name in NEEDS and NEEDS[name] not in steps[:i]:
+            raise LmopsError(f"pipeline.steps: '{name}' needs '{NEEDS[name]}' before it")
+    if from_step is not None and from_step not in steps:
+        raise LmopsError(f"--from {from_step}: not a step of this pipeline ({', '.join(steps)})")
+    store = Store.for_workspace(ws, cfg)
+    ctx = Context(ws, cfg, store, log, progress, default_actor())
+    with store.pipeline_lock():
+        run = store.start_pipeline_run(_sha256_json(cfg.to_dict()), ctx.actor)
+        ran, cached = [], []
+        for name in steps:
+            t0 = time.perf_counter()
+            key = KEYS[name](ctx)
+            ctx.keys[name] = key
+            forced = from_step is not None and steps.index(name) >= steps.index(from_step)
+            hit = None if forced else store.find_cached_step(name, key)
+            if hit is not None and _outputs_present(name, hit.outputs):
+                ctx.outputs[name] = hit.outputs
+                store.finish_step(store.start_step(run.id, name, key).id, "succeeded", hit.outputs, cached=True)
+                cached.append(name)
+                log(f"[dim]{name:9} cached ({key[:12]}), nothing changed[/]")
+                continue
+            log(f"[bold]{name:9}[/] running")
+            step = store.start_step(run.id, name, key)
+            try:
+                ctx.outputs[name] = RUN[name](ctx)
+            except (LmopsError, KeyboardInterrupt) as err:
+                message = str(err) or "interrupted"
+                store.finish_step(step.id, "failed", {}, error=message)
+                store.finish_pipeline_run(run.id, "failed", error=f"{name}: {message}")
+                raise LmopsError(f"pipeline step '{name}' failed: {message}; earlier steps are kept: fix it and run "
+                                 f"`lmops pipeline run` again (done steps are skipped)") from None
+            store.finish_step(step.id, "succeeded", ctx.outputs[name])
+            ran.append(name)
+            log(f"{name:9} done in {time.perf_counter() - t0:.1f} s")
+        store.finish_pipeline_run(run.id, "succeeded")
+    return PipelineResult(run.id, ran, cached, ctx.outputs)
