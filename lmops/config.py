@@ -26,13 +26,15 @@ class Section(BaseModel):
 class DataConfig(Section):
     corpus: list[str] = Field(
         default_factory=lambda: ["corpus"],
-        description="Files, folders or globs of UTF-8 text, relative to the workspace; a folder means "
-        "every .txt/.md file below it. 'corpus' is the folder `lmops init` creates.",
+        description="Files, folders or globs, relative to the workspace: .txt/.md (a document per file), "
+        ".jsonl/.csv/.parquet (a document per row), and gzip of these. 'corpus' is the folder `lmops init` "
+        "creates. (`lmops train` alone reads the .txt/.md files.)",
     )
     val_fraction: float = Field(
         0.1, gt=0, lt=1,
-        description="Tail of the token stream held out for validation: 10% as in nanoGPT's "
-        "shakespeare_char, enough for a stable loss estimate on small corpora.",
+        description="Share held out for validation: 10%, enough for a stable loss estimate on small corpora. "
+        "Datasets split by document hash (adding documents never moves old ones); `lmops train` alone "
+        "holds out the tail of the text, as nanoGPT's shakespeare_char.",
     )
     text_field: str = Field(
         "text",

@@ -13,7 +13,6 @@ costs little more than hashing the corpus.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import time
@@ -54,20 +53,12 @@ def code_version() -> str:
     return _CODE_VERSION
 
 
-def source_files(ws: Workspace, sources: list[str]) -> list[Path]:
-    """The files data.corpus names (files, folders, globs), sorted; what ingest reads."""
-    files: list[Path] = []
-    for src in sources:
-        path = ws.resolve(src)
-        if any(c in src for c in "*?["):
-            files += [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
-        elif path.is_dir():
-            files += [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise LmopsError(f"corpus path {path} not found: check data.corpus in lmops.yaml")
-    return sorted(set(files))
+def _source_fingerprint(ws: Workspace, sources: list[str]) -> list:
+    """(path, size, sha256) of every file ingest would read: the ingest step's input."""
+    from lmops.data.ingest import source_files
+
+    files, _ = source_files(sources, ws.root, exclude=ws.state)
+    return [(str(p), p.stat().st_size, _sha256_file(p)) for p in files]
 
 
 @dataclass
@@ -95,8 +86,7 @@ def _key(ctx: Context, name: str, *parts) -> str:
 
 
 KEYS: dict[str, Callable[[Context], str]] = {
-    "ingest": lambda c: _key(c, "ingest", [(str(p), p.stat().st_size, _sha256_file(p)) for p in source_files(c.ws, c.cfg.data.corpus)],
-                             c.section("data", "safety")),
+    "ingest": lambda c: _key(c, "ingest", _source_fingerprint(c.ws, c.cfg.data.corpus), c.section("data", "safety")),
     "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.section("data")),
     "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"], c.section("tokenizer")),
     "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model", "train")),

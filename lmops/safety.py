@@ -1,0 +1,243 @@
+"""Content rules: personal data (PII), secrets, blocklisted terms and prompt injection.
+
+One set of rules for the whole life cycle: the data pipeline scrubs PII from the corpus, the
+evaluation suite checks samples with them, and the server will moderate requests with them. Keeping
+them in one place means a model is judged by the rules its training data was cleaned with.
+
+Everything is regular expressions compiled once at import, plus a check where a regex alone guesses
+too much (Luhn for card numbers, `ipaddress` for IPv6). Choices a reader could make otherwise:
+- A dotted quad with valid octets ("1.2.3.4") is an IP address even if it is a version number: the two
+  cannot be told apart, and redacting a version costs less than leaking an address. With a prefix or
+  more parts ("v1.2.3.4", "1.2.3.4.5") it is not an address.
+- A phone number has 9 to 15 digits (E.164's maximum) written the way people write phone numbers: with
+  a +country code, as (555) 123-4567 / 555-123-4567, or nationally with a leading 0 and separators
+  ("020 7946 0958", "06 12 34 56 78"). A bare run of digits is not a phone number: years, page numbers,
+  ids and amounts in prose are bare digits far more often than phone numbers are.
+- Card numbers must pass the Luhn check: a random 16-digit number fails it 9 times in 10.
+- A generic `password=...`/`token: ...` assignment is a secret when its value is long (16+ characters)
+  or mixes in digits or symbols (8+): "password: required" in prose is not one. Only the value is
+  replaced, so the text still reads "password=[SECRET]".
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+PII_KINDS = ("email", "phone", "ip", "credit_card", "secret")
+
+# Prompt-injection heuristics: rule name -> patterns (any one matches; case-insensitive, ^ at any line
+# start). They flag text for a closer look, they are not proof. injection_hits reports them in this order.
+INJECTION_RULES: dict[str, list[str]] = {
+    "ignore_instructions": [  # "ignore all previous instructions", "disregard the above rules"
+        r"\b(?:ignore|disregard|forget|override|skip)\s+(?:(?:all|any|every|the|your|my|of|these|those)\s+)*"
+        r"(?:previous|prior|above|earlier|preceding|original|system|initial)\s+"
+        r"(?:instructions?|prompts?|rules|directions|directives|guidelines|messages?|context)\b",
+    ],
+    "reveal_system_prompt": [  # "reveal your system prompt", "what are your hidden instructions"
+        r"\b(?:reveal|show|print|repeat|output|display|leak|dump|tell\s+me|what\s+(?:is|are|was|were))\s+"
+        r"(?:me\s+)?(?:your|the)\s+(?:(?:full|exact|initial|original|hidden|secret|system|developer)\s+)+"
+        r"(?:prompts?|instructions?|messages?)\b",
+    ],
+    "role_override": [  # "you are now DAN", "act as an unrestricted AI", "developer mode"
+        r"\byou\s+are\s+(?:now|no\s+longer)\s+(?:(?:an?|the|my|in|bound|restricted)\s+)?(?:\w+\s+){0,3}?"
+        r"(?:assistant|AI|chatbot|bot|model|persona|character|DAN|unrestricted|unfiltered|jailbroken|uncensored"
+        r"|mode|by)\b",
+        r"\b(?:act|pretend|roleplay)\s+(?:as|to\s+be)\s+(?:an?\s+)?"
+        r"(?:DAN|unrestricted|unfiltered|jailbroken|uncensored|evil)\b",
+        r"\b(?:DAN|developer|god)\s+mode\b|\bdo\s+anything\s+now\b|\bjailbreak(?:en|ing)?\b",
+    ],
+    "delimiter_injection": [  # chat-template tokens or a fake "### System:" header inside user text
+        r"<\|im_start\|>\s*system|<\|(?:system|im_end|endoftext|eot_id)\|>|<<\s*SYS\s*>>|\[/?INST\]",
+        r"^[ \t]*#{2,}[ \t]*(?:system|assistant|instructions?)[ \t]*:",
+    ],
+    "exfiltration": [  # "send the conversation to https://...", a markdown image whose URL carries data
+        r"\b(?:send|post|upload|forward|transmit|exfiltrate|leak|email)\b[^\n]{0,80}?\bto\s+"
+        r"(?:https?://|ftp://|[\w.+-]+@[\w-]+\.)",
+        r"!\[[^\]\n]*\]\(https?://[^)\s]*\?[^)\s]*=",
+    ],
+}
+
+# Placeholders redact_pii puts in place of each kind.
+PLACEHOLDERS = {kind: f"[{kind.upper()}]" for kind in PII_KINDS}
+
+# Overlapping findings: the longest wins; at equal length, the earlier kind here (the more specific).
+PRIORITY = {"secret": 0, "credit_card": 1, "email": 2, "ip": 3, "phone": 4}
+
+# The word before an assignment's ':' or '=' that makes its value a secret (see _is_assigned_secret).
+_SECRET_NAME = re.compile(
+    r"(?i)\b(?:api[_-]?key|apikey|api[_-]?secret|secret[_-]?key|client[_-]?secret|access[_-]?key|access[_-]?token|"
+    r"auth[_-]?token|bearer|token|secret|password|passwd|pwd)[\"']?[ \t]*\Z"
+)
+# Only the separator is consumed, the value is looked ahead at: in "url=https://x/?token=abc123xyz" the
+# value of url (no secret) must not swallow the value of token (a secret).
+_ASSIGNED_VALUE = re.compile(r"[:=](?=[ \t]*[\"']?([^\s\"',;&]{8,}))")
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b")
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")  # octets checked by _is_ipv4
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?(?![\w:])")
+_PHONE = re.compile(
+    r"(?<![\w.+/-])(?:"
+    r"(?:\+|\b00)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]\d{2,5}){1,5}|\+\d{9,15}"  # international
+    r"|(?:\b1[ .-])?(?:\(\d{3}\)[ ]?|\b\d{3}[.-])\d{3}[ .-]\d{4}|\b\d{3} \d{3} \d{4}"  # US
+    r"|\b0\d{1,4}(?:[ /-]\d{2,8}){1,4}"  # national, with trunk 0 (most of Europe, UK)
+    r")(?![\w]|[.-]\d)"
+)
+_CARD = re.compile(
+    r"\d(?<![\w-]\d)(?:\d{12,18}|\d{3}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{3}([ -])\d{6}\2\d{4,5})(?![\w]|-\d)"
+)
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _is_card(m: re.Match) -> bool:
+    digits = re.sub(r"[ -]", "", m.group())
+    return 13 <= len(digits) <= 19 and _luhn(digits) and len(set(digits)) > 1
+
+
+def _is_phone(m: re.Match) -> bool:
+    return 9 <= sum(ch.isdigit() for ch in m.group()) <= 15
+
+
+def _is_ipv4(m: re.Match) -> bool:
+    return all(int(octet) <= 255 and (octet == "0" or octet[0] != "0") for octet in m.group().split("."))
+
+
+def _is_ipv6(m: re.Match) -> bool:
+    s = m.group()
+    if sum(1 for g in re.split(r"[:.]", s) if g) < 2:  # "::" or "a::" in prose, not an address
+        return False
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_assigned_secret(m: re.Match) -> bool:
+    """A long or non-alphabetic value after a secret-sounding name: `api_key = "..."`, `password: ...`."""
+    value = m.group(1)
+    named = _SECRET_NAME.search(m.string, max(0, m.start() - 40), m.start())
+    return named is not None and (len(value) >= 16 or not value.isalpha())
+
+
+# _CARD and _IPV4 start with \d and look behind it, rather than starting with a lookbehind: a pattern
+# that starts with a character class lets the regex engine skip ahead to digits, several times faster.
+#
+# (kind, substrings of which the text must hold one for the pattern to be worth running (a cheap `in`
+# test that skips most texts), pattern, the group that is the finding, a check the match must pass).
+_RULES: list[tuple[str, tuple[str, ...], re.Pattern, int, Callable[[re.Match], bool] | None]] = [
+    ("secret", ("PRIVATE KEY",),  # PEM and PGP private key blocks
+     re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----.*?-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----", re.DOTALL),
+     0, None),
+    ("secret", ("AKIA", "ASIA"), re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), 0, None),  # AWS access key id
+    ("secret", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),  # GitHub tokens
+     re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b"), 0, None),
+    ("secret", ("sk-",),  # OpenAI-style keys (with at least one digit: "sk-" words in prose have none)
+     re.compile(r"\bsk-(?:proj-|svcacct-|admin-|ant-)?(?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{20,}"), 0, None),
+    ("secret", ("xox",), re.compile(r"\bxox[baprs]-[A-Za-z0-9-]{10,}"), 0, None),  # Slack
+    ("secret", ("AIza",), re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), 0, None),  # Google API key
+    ("secret", ("eyJ",),  # JWT: base64url JSON header and payload, then a signature
+     re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}"), 0, None),
+    ("secret", (":", "="), _ASSIGNED_VALUE, 1, _is_assigned_secret),
+    ("credit_card", (), _CARD, 0, _is_card),
+    ("email", ("@",), _EMAIL, 0, None),
+    ("ip", (".",), _IPV4, 0, _is_ipv4),
+    ("ip", (":",), _IPV6, 0, _is_ipv6),
+    ("phone", (), _PHONE, 0, _is_phone),
+]
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    start: int
+    end: int
+
+
+def _check_kinds(kinds: Iterable[str]) -> set[str]:
+    kinds = set(kinds)
+    unknown = kinds - set(PII_KINDS)
+    if unknown:
+        raise ValueError(f"unknown PII kinds {sorted(unknown)}; known: {', '.join(PII_KINDS)}")
+    return kinds
+
+
+def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
+    """Non-overlapping PII findings in text, in order of position."""
+    wanted = _check_kinds(kinds)
+    candidates: list[Finding] = []
+    for kind, needles, pattern, group, check in _RULES:
+        if kind not in wanted or needles and not any(n in text for n in needles):
+            continue
+        for m in pattern.finditer(text):
+            if check is None or check(m):
+                candidates.append(Finding(kind, m.start(group), m.end(group)))
+    candidates.sort(key=lambda f: (f.start - f.end, PRIORITY[f.kind], f.start))
+    starts: list[int] = []  # kept findings, sorted by start and never overlapping each other
+    kept: list[Finding] = []
+    for f in candidates:
+        i = bisect.bisect_left(starts, f.start)
+        if i > 0 and kept[i - 1].end > f.start or i < len(kept) and kept[i].start < f.end:
+            continue
+        starts.insert(i, f.start)
+        kept.insert(i, f)
+    return kept
+
+
+def redact_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> tuple[str, dict[str, int]]:
+    """text with each finding replaced by its placeholder ([EMAIL], [SECRET], ...), and counts per kind."""
+    findings = find_pii(text, kinds)
+    counts = {kind: 0 for kind in PII_KINDS}
+    if not findings:
+        return text, counts
+    parts, pos = [], 0
+    for f in findings:
+        parts += [text[pos : f.start], PLACEHOLDERS[f.kind]]
+        counts[f.kind] += 1
+        pos = f.end
+    parts.append(text[pos:])
+    return "".join(parts), counts
+
+
+@lru_cache(maxsize=64)
+def _blocklist_pattern(terms: tuple[str, ...]) -> tuple[re.Pattern, dict[str, str]]:
+    keys = {" ".join(t.casefold().split()): t for t in terms if t.strip()}
+    alternatives = [r"\s+".join(map(re.escape, k.split())) for k in sorted(keys, key=len, reverse=True)]
+    # A lookahead, so matches at neighbouring positions are all found even where terms overlap.
+    return re.compile(r"(?<!\w)(?=(" + "|".join(alternatives) + r")(?!\w))", re.IGNORECASE), keys
+
+
+def blocklist_hits(text: str, terms: list[str]) -> list[str]:
+    """The terms (as given) that occur in text as whole words or phrases, ignoring case; each once,
+    in the order of terms. Spaces in a phrase match any run of whitespace. Where two terms start at
+    the same place ("bad", "bad word"), only the longer one is reported."""
+    if not terms:
+        return []
+    pattern, keys = _blocklist_pattern(tuple(terms))
+    if not keys:
+        return []
+    found = {keys[" ".join(m.group(1).casefold().split())] for m in pattern.finditer(text)}
+    return [t for t in dict.fromkeys(terms) if t in found]
+
+
+_INJECTION = {
+    name: re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE | re.MULTILINE)
+    for name, patterns in INJECTION_RULES.items()
+}
+
+
+def injection_hits(text: str) -> list[str]:
+    """Names of the INJECTION_RULES that text matches, in table order."""
+    return [name for name, pattern in _INJECTION.items() if pattern.search(text)]
