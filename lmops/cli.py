@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(help="Train a tokenizer and encode the corpus into token shards.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
+data_app = typer.Typer(help="DataOps: ingest, clean, deduplicate and scrub corpora into immutable dataset versions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 pipeline_app = typer.Typer(help="Run the pipeline (ingest -> validate -> tokenize -> train -> evaluate -> register -> promote) and list its runs.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 audit_app = typer.Typer(help="The audit log: every state change, who, when, what and why, hash-chained.", no_args_is_help=True)
@@ -245,6 +247,86 @@ def _store(workspace: Path | None, overrides: list[str] | None = None):
 
     ws, cfg = _workspace_and_config(workspace, overrides)
     return ws, cfg, Store.for_workspace(ws, cfg)
+
+
+@data_app.command("ingest")
+@friendly
+def data_ingest(
+    sources: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or globs (.txt .md .jsonl .csv .parquet, gzipped too); default: data.corpus.")] = None,
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+):
+    """Ingest text into a new dataset version: clean, filter, scrub PII, deduplicate, validate.
+
+    Prints the validation report; exits 1 when a gate of lmops.yaml fails (data.min_documents,
+    data.max_duplicate_ratio). Bad files are quarantined in .lmops/quarantine/ with the reason.
+    """
+    from lmops.data.ingest import check_gates
+    from lmops.pipeline import ingest_dataset
+    from lmops.store import default_actor
+
+    ws, cfg, store = _store(workspace, set_)
+    with store:
+        version = ingest_dataset(ws, cfg, store, default_actor(), sources, progress=sys.stderr.isatty())
+    totals = version.manifest["totals"]
+    log(f"dataset {version.short_id}: {totals['documents']} documents ({totals['train']['documents']} train, "
+        f"{totals['val']['documents']} validation), {totals['chars']:,} characters -> {version.path}")
+    failures = check_gates(version.report, cfg.data)
+    if failures:
+        raise LmopsError("data gates failed: " + "; ".join(failures))
+
+
+@data_app.command("list")
+@friendly
+def data_list(workspace: WorkspaceOpt = None):
+    """Dataset versions, oldest first."""
+    from rich.table import Table
+
+    from lmops.data.dataset import list_datasets
+    from lmops.workspace import find_workspace
+
+    table = Table("dataset", "created (UTC)", "documents", "train", "val", "characters", "parent")
+    for v in list_datasets(find_workspace(workspace).state):
+        t = v.manifest["totals"]
+        table.add_row(v.short_id, v.manifest.get("created_at", "")[:19].replace("T", " "), str(t["documents"]),
+                      str(t["train"]["documents"]), str(t["val"]["documents"]), f"{t['chars']:,}",
+                      (v.manifest.get("parent") or "")[:12])
+    console.print(table)
+
+
+@data_app.command("show")
+@friendly
+def data_show(ref: Annotated[str, typer.Argument(help="Dataset id, unique prefix, or 'latest'.")] = "latest",
+              workspace: WorkspaceOpt = None):
+    """One dataset version: its totals and the validation report it was made with."""
+    from lmops.data.dataset import load_dataset
+    from lmops.data.ingest import render_report
+    from lmops.workspace import find_workspace
+
+    v = load_dataset(find_workspace(workspace).state, ref)
+    t = v.manifest["totals"]
+    log(f"dataset {v.id}\n  {v.path}\n  {t['documents']} documents ({t['train']['documents']} train, "
+        f"{t['val']['documents']} validation), {t['chars']:,} characters; parent {v.manifest.get('parent') or '-'}")
+    console.print(render_report(v.report))
+
+
+@data_app.command("diff")
+@friendly
+def data_diff(a: Annotated[str, typer.Argument(help="Older dataset (id or prefix).")],
+              b: Annotated[str, typer.Argument(help="Newer dataset (id, prefix or 'latest').")] = "latest",
+              workspace: WorkspaceOpt = None):
+    """What changed between two dataset versions: documents added and removed, splits, report figures."""
+    from lmops.data.dataset import diff_datasets, load_dataset
+    from lmops.workspace import find_workspace
+
+    state = find_workspace(workspace).state
+    d = diff_datasets(load_dataset(state, a), load_dataset(state, b))
+    log(f"{d['a'][:12]} -> {d['b'][:12]}: +{d['added_count']} documents, -{d['removed_count']}, "
+        f"{d['unchanged_count']} unchanged")
+    for split, n in d["splits"].items():
+        log(f"  {split}: {n['a']} -> {n['b']} documents")
+    for key, change in d["report"].items():
+        log(f"  {key}: {change['a']} -> {change['b']}")
 
 
 @pipeline_app.command("run")

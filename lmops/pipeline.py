@@ -85,9 +85,11 @@ def _key(ctx: Context, name: str, *parts) -> str:
     return _sha256_json([name, code_version(), *parts])
 
 
+DATA_GATES = {"min_documents", "max_duplicate_ratio"}  # read by validate only, not by ingest
 KEYS: dict[str, Callable[[Context], str]] = {
-    "ingest": lambda c: _key(c, "ingest", _source_fingerprint(c.ws, c.cfg.data.corpus), c.section("data", "safety")),
-    "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.section("data")),
+    "ingest": lambda c: _key(c, "ingest", _source_fingerprint(c.ws, c.cfg.data.corpus),
+                             c.cfg.data.model_dump(mode="json", exclude=DATA_GATES), c.section("safety")),
+    "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.cfg.data.model_dump(mode="json", include=DATA_GATES)),
     "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"], c.section("tokenizer")),
     "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model", "train")),
     "evaluate": lambda c: _key(c, "evaluate", c.keys["train"], c.section("evaluate", "safety")),
@@ -104,21 +106,31 @@ def _outputs_present(name: str, outputs: dict) -> bool:
 
 # ----------------------------------------------------------------------------- steps: what each step does
 
-def step_ingest(ctx: Context) -> dict:
+def ingest_dataset(ws: Workspace, cfg: Config, store, actor: str, sources: list[str] | None = None,
+                   progress: bool = False):
+    """Ingest sources (default data.corpus) into a dataset version, recorded in the store and the audit
+    log; the terminal gets the validation report. Returns the DatasetVersion."""
+    from rich.console import Console
+
     from lmops.data.dataset import write_dataset
     from lmops.data.ingest import ingest, render_report
 
-    result = ingest(ctx.cfg.data.corpus, ctx.cfg.data, ctx.cfg.safety, ctx.ws.root, ctx.ws.state, progress=ctx.progress)
-    previous = ctx.store.list_datasets()
-    version = write_dataset(result.documents, result.report, ctx.ws.state, ctx.cfg.data.val_fraction,
-                            parent=previous[-1].id if previous else None)
-    ctx.store.add_dataset(version.id, version.short_id, str(version.path), version.manifest.get("parent"),
-                          len(version.manifest["documents"]), ctx.actor, result.report)
-    ctx.audit("dataset.created", f"dataset:{version.short_id}",
-                    {"id": version.id, "documents": len(version.manifest["documents"])})
-    from rich.console import Console
-
+    result = ingest(sources or cfg.data.corpus, cfg.data, cfg.safety, ws.root, ws.state, progress=progress)
     Console(stderr=True).print(render_report(result.report))
+    previous = store.list_datasets()
+    version = write_dataset(result.documents, result.report, ws.state, cfg.data.val_fraction,
+                            parent=previous[-1].id if previous else None)
+    known = {d.id for d in previous}
+    n = version.manifest["totals"]["documents"]
+    store.add_dataset(version.id, version.short_id, str(version.path), version.manifest.get("parent"), n, actor,
+                      {k: result.report[k] for k in ("documents_in", "documents_out", "duplicate_ratio", "pii")})
+    if version.id not in known:
+        store.audit(actor, "dataset.created", f"dataset:{version.short_id}", {"id": version.id, "documents": n})
+    return version
+
+
+def step_ingest(ctx: Context) -> dict:
+    version = ingest_dataset(ctx.ws, ctx.cfg, ctx.store, ctx.actor, progress=ctx.progress)
     return {"dataset": version.id, "path": str(version.path)}
 
 

@@ -1,0 +1,294 @@
+"""Experiment tracking with MLflow: each training run's config, metrics, tokenizer and checkpoint.
+
+With no `tracking.tracking_uri`, runs go to a SQLite file in the workspace (.lmops/mlflow.db) and
+their artifacts to .lmops/mlartifacts: tracking needs no server, and
+
+    mlflow ui --backend-store-uri sqlite:///.lmops/mlflow.db
+
+run in the workspace shows them. Any MLflow URI works instead (an MLflow server, Databricks, an Azure
+ML workspace); the registry (lmops/registry.py) uses the same URI, so a registered model version
+always points at a run this store knows.
+
+Metrics are buffered and sent with one `log_batch` call every FLUSH_ROWS rows or FLUSH_SECONDS: a
+request per step would slow a small model's training, which takes milliseconds a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from lmops.config import Config
+from lmops.errors import LmopsError
+from lmops.workspace import Workspace
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+CHECKPOINT_ARTIFACT = "checkpoint"  # run artifact folder: ckpt.safetensors + tokenizer files
+CHECKPOINT_FILE = "ckpt.safetensors"  # the name lmops.train writes and lmops.checkpoint looks for
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FLUSH_ROWS = 50
+FLUSH_SECONDS = 2.0
+
+# Run tags (the registry copies them onto model versions, lineage reads them back)
+TAG_GIT_COMMIT = "lmops.git_commit"
+TAG_GIT_REPO = "lmops.git_repo"  # "workspace" or "lmops": whose commit TAG_GIT_COMMIT is
+TAG_VERSION = "lmops.version"
+TAG_DATASET = "lmops.dataset_id"
+TAG_TOKENIZER = "lmops.tokenizer_sha256"
+TAG_RUN = "lmops.run"
+TAG_CHECKPOINT_SHA = "lmops.checkpoint_sha256"
+TAG_CHECKPOINT_STEP = "lmops.checkpoint_step"
+
+
+def tracking_uri(ws: Workspace, cfg: Config) -> str:
+    return cfg.tracking.tracking_uri or f"sqlite:///{ws.state / DB_FILE}"
+
+
+def configure(ws: Workspace, cfg: Config) -> str:
+    """Point MLflow (tracking and registry) at the workspace's URI, create the experiment if missing,
+    make it the active one; return the URI."""
+    uri = tracking_uri(ws, cfg)
+    if cfg.tracking.tracking_uri is None:
+        ws.state.mkdir(parents=True, exist_ok=True)
+        # MLflow's first use of a SQLite file creates its tables and says so on stderr at INFO
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = cfg.tracking.experiment
+    try:
+        c = MlflowClient(uri, uri)
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            location = (ws.state / ARTIFACTS_DIR).as_uri() if cfg.tracking.tracking_uri is None else None
+            c.create_experiment(name, artifact_location=location)
+        elif exp.lifecycle_stage == "deleted":
+            raise LmopsError(f"MLflow experiment '{name}' at {uri} is deleted; restore it (`mlflow experiments "
+                             f"restore --experiment-id {exp.experiment_id}`) or set tracking.experiment")
+        mlflow.set_experiment(name)
+    except MlflowException as err:
+        raise LmopsError(f"tracking.tracking_uri {uri}: MLflow failed ({_first_line(err)}); "
+                         "check the URI and that the server is up") from None
+    return uri
+
+
+def client(ws: Workspace, cfg: Config) -> MlflowClient:
+    """A client for the workspace's tracking and registry URI (configured first)."""
+    uri = configure(ws, cfg)
+    return MlflowClient(uri, uri)
+
+
+def _first_line(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def git_commit(root: Path) -> tuple[str, str]:
+    """(commit, whose): HEAD of the workspace's git repository, else of the lmops checkout, else
+    ("unknown", "none")."""
+    for folder, whose in ((root, "workspace"), (Path(__file__).resolve().parent, "lmops")):
+        try:
+            out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown", "none"  # no git at all
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip(), whose
+    return "unknown", "none"
+
+
+def lmops_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmops")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def flatten_config(cfg: Config) -> dict[str, str]:
+    """'section.key' -> value as MLflow params (strings; lists, dicts, None and booleans as JSON)."""
+    out = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[f"{section}.{key}"] = text[:6000]  # MLflow's limit on a param value
+    return out
+
+
+@dataclass
+class TrainingRun:
+    """An MLflow run being trained: pass `log_row` as `on_metrics` to lmops.train.train."""
+
+    run_id: str
+    client: MlflowClient | None  # None on the other processes of a torchrun: only rank 0 tracks
+    log: Callable[[str], None] = print
+    pending: list[Metric] = field(default_factory=list)
+    rows: int = 0
+    last_flush: float = field(default_factory=time.monotonic)
+    warned: bool = False
+
+    def log_row(self, row: dict) -> None:
+        """One training step's row: every number but step and time becomes a metric at that step."""
+        step, ts = int(row["step"]), int(time.time() * 1000)
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.pending.append(Metric(key, float(value), ts, step))
+        self.rows += 1
+        if self.rows >= FLUSH_ROWS or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metrics. A failure (server down) keeps them for the next try rather than
+        stopping the training; the rows are in metrics.jsonl anyway."""
+        self.rows, self.last_flush = 0, time.monotonic()
+        if self.client is None:
+            self.pending.clear()
+            return
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])  # MLflow's batch limit
+                del self.pending[:1000]
+        except MlflowException as err:
+            if not self.warned:
+                self.log(f"warning: MLflow logging failed ({_first_line(err)}); retrying later (metrics.jsonl has "
+                         "every row)")
+                self.warned = True
+
+    def log_checkpoint(self, ckpt_path: Path) -> str:
+        return log_checkpoint(self.run_id, ckpt_path, self.client) if self.client is not None else ""
+
+
+@contextmanager
+def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, tokenizer_path: Path, run_name: str,
+                       resume: bool = False, log: Callable[[str], None] = print) -> Iterator[TrainingRun]:
+    """An MLflow run for a training run: params, tags and config/tokenizer artifacts logged at the
+    start, metrics as they come, status FINISHED or FAILED at the end.
+
+    resume: continue the newest MLflow run of that name (as `lmops train --resume` continues the
+    checkpoint), so one training run stays one MLflow run; params already logged keep their values.
+    Under torchrun only rank 0 creates a run; the other processes get one that logs nothing.
+    """
+    if int(os.environ.get("RANK", "0")) > 0:
+        yield TrainingRun("", None, log)
+        return
+    c = client(ws, cfg)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    tokenizer_path = Path(tokenizer_path)
+    commit, whose = git_commit(ws.root)
+    tags = {
+        TAG_RUN: run_name, TAG_GIT_COMMIT: commit, TAG_GIT_REPO: whose, TAG_VERSION: lmops_version(),
+        TAG_TOKENIZER: file_sha256(tokenizer_path), "mlflow.source.git.commit": commit,
+    }
+    if dataset_id is not None:
+        tags[TAG_DATASET] = dataset_id
+    run = _latest_run(c, exp.experiment_id, run_name) if resume else None
+    if run is None:
+        run = c.create_run(exp.experiment_id, run_name=run_name, tags=tags)
+        logged: dict[str, str] = {}
+    else:
+        c.update_run(run.info.run_id, status="RUNNING")
+        c.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        logged = run.data.params
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in flatten_config(cfg).items() if k not in logged]
+    for i in range(0, len(params), 100):  # MLflow's limit of params per batch
+        c.log_batch(run_id, params=params[i:i + 100])
+    c.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), "config/lmops.yaml")
+    for name in TOKENIZER_FILES:
+        if (tokenizer_path.parent / name).is_file():
+            c.log_artifact(run_id, str(tokenizer_path.parent / name), "tokenizer")
+    tracked = TrainingRun(run_id, c, log)
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        yield tracked
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        tracked.flush()
+        try:
+            c.set_terminated(run_id, status)
+        except MlflowException as err:
+            log(f"warning: could not mark MLflow run {run_id} {status} ({_first_line(err)})")
+
+
+def _latest_run(c: MlflowClient, experiment_id: str, run_name: str):
+    """The newest run tagged with run_name, or None. MLflow's filter strings have no escapes: a name
+    is quoted with the quote it does not contain, and one holding both is matched here instead."""
+    quote = next((q for q in ("'", '"') if q not in run_name), None)
+    where = f"tags.`{TAG_RUN}` = {quote}{run_name}{quote}" if quote else ""
+    found = c.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time DESC"],
+                          max_results=1 if quote else 1000)
+    return next((r for r in found if r.data.tags.get(TAG_RUN) == run_name), None)
+
+
+def log_checkpoint(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None = None) -> str:
+    """Log a checkpoint and the tokenizer files beside it as the run's `checkpoint/` folder (what
+    `Checkpoint` and `load_tokenizer` read back together); return that folder's artifact URI.
+
+    Uses the URI set by configure() unless a client is given. Tags the run with the checkpoint's
+    sha256, which the registry records and checks downloads against.
+    """
+    ckpt_path = Path(ckpt_path)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / CHECKPOINT_FILE
+    if not ckpt_path.is_file():
+        raise LmopsError(f"{ckpt_path}: no checkpoint to log; train one with `lmops train`")
+    c = mlflow_client or MlflowClient()
+    with tempfile.TemporaryDirectory(dir=ckpt_path.parent, prefix=".mlflow-") as tmp:
+        folder = Path(tmp) / CHECKPOINT_ARTIFACT
+        folder.mkdir()
+        # hard links where possible: a checkpoint can be large, and this folder lives a moment
+        _link_or_copy(ckpt_path, folder / CHECKPOINT_FILE)
+        for name in TOKENIZER_FILES:
+            if (ckpt_path.parent / name).is_file():
+                _link_or_copy(ckpt_path.parent / name, folder / name)
+        sha = file_sha256(folder / CHECKPOINT_FILE)
+        c.log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
+    step = _checkpoint_meta(ckpt_path).get("step")
+    tags = [RunTag(TAG_CHECKPOINT_SHA, sha)] + ([RunTag(TAG_CHECKPOINT_STEP, str(step))] if step is not None else [])
+    c.log_batch(run_id, tags=tags)
+    return f"{c.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    """The JSON meta of an lmops checkpoint, read from the safetensors header only (no tensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}"))
+    except Exception:  # not an lmops checkpoint: no meta to report, Checkpoint() says why when loading
+        return {}
