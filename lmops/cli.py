@@ -64,6 +64,13 @@ def _workspace_and_config(workspace: Path | None, overrides: list[str] | None):
     return ws, (override(cfg, overrides) if overrides else cfg)
 
 
+def _store(workspace: Path | None, overrides: list[str] | None = None):
+    from lmops.store import Store
+
+    ws, cfg = _workspace_and_config(workspace, overrides)
+    return ws, cfg, Store.for_workspace(ws, cfg)
+
+
 @app.command()
 @friendly
 def init(
@@ -116,11 +123,18 @@ def train(
     from lmops.data.prepare import prepare
     from lmops.train import train as run_training
 
+    from lmops import tracking
+    from lmops.train import update_run_info
+
     ws, cfg = _workspace_and_config(workspace, set_)
     tokens = prepare(ws, cfg, log=log) if _is_main_process() else ws.tokens_dir
     _barrier_if_distributed()
-    result = run_training(cfg, tokens, ws.run_dir(run), ws.tokenizer_path.parent, resume=resume, stop_at=stop_at,
-                          progress=progress and sys.stderr.isatty(), log=log)
+    with tracking.start_training_run(ws, cfg, None, ws.tokenizer_path, run, resume=resume, log=log) as tracked:
+        result = run_training(cfg, tokens, ws.run_dir(run), ws.tokenizer_path.parent, resume=resume, stop_at=stop_at,
+                              progress=progress and sys.stderr.isatty(), log=log, on_metrics=tracked.log_row)
+        if _is_main_process():
+            tracked.log_checkpoint(result.checkpoint)
+            update_run_info(ws.run_dir(run), mlflow_run_id=tracked.run_id)
     if _is_main_process():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         log(f"step {result.step}: {metrics}\ncheckpoint: {result.checkpoint}")
@@ -144,6 +158,112 @@ def _barrier_if_distributed() -> None:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if resolve_device("auto").type == "cuda" else "gloo")
         dist.barrier()
+
+
+def _latest_run(ws) -> str:
+    """The run whose checkpoint was written last: what `lmops evaluate` and `register` act on by default."""
+    from lmops.train import CKPT_NAME
+
+    runs = sorted(ws.runs_dir.glob(f"*/{CKPT_NAME}"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise LmopsError(f"no trained run in {ws.runs_dir}; run `lmops train` or `lmops pipeline run`")
+    return runs[-1].parent.name
+
+
+def _audit_as_me(store):
+    from lmops.store import default_actor
+
+    actor = default_actor()
+    return lambda action, subject, details, reason=None: store.audit(actor, action, subject, details, reason)
+
+
+@app.command()
+@friendly
+def evaluate(
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    run: Annotated[Optional[str], typer.Option("--run", "-r", help="Run to evaluate; default: the latest trained run.")] = None,
+):
+    """Evaluate a run: held-out loss/perplexity/bits per byte, prompt checks, decode speed, size, safety suite.
+
+    Results go to the run's MLflow run and .lmops/runs/RUN/evaluation.json; the gates of lmops.yaml
+    (evaluate.gates) are checked against the current champion: exits 1 if one fails.
+    """
+    from lmops.checkpoint import Checkpoint
+    from lmops.pipeline import evaluate_run
+    from lmops.train import CKPT_NAME
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    run_dir = ws.run_dir(run or _latest_run(ws))
+    tokens_dir = Path(Checkpoint(run_dir / CKPT_NAME).meta.get("tokens_dir", ws.tokens_dir))
+    out = evaluate_run(ws, cfg, run_dir, tokens_dir)
+    r = out["results"]
+    log(f"{run_dir.name}: val loss {r['val_loss']:.4f}, ppl {r['val_ppl']:.2f}, bpb {r['val_bpb']:.4f}, "
+        f"safety {r['safety_pass_rate']:.0%}, decode {r['decode_tokens_per_s']:,.0f} tok/s, {r['n_params']:,} parameters")
+    if not out["passed"]:
+        failed = [g["name"] for g in out["gates"] if not g["passed"]]
+        raise LmopsError(f"gates failed: {', '.join(failed)} (see the table above)")
+
+
+@app.command()
+@friendly
+def register(
+    workspace: WorkspaceOpt = None,
+    run: Annotated[Optional[str], typer.Option("--run", "-r", help="Evaluated run to register; default: the latest trained run.")] = None,
+):
+    """Register an evaluated run as a new model version, tagged with its lineage and gate verdict; alias challenger."""
+    from lmops.pipeline import register_run
+
+    ws, cfg, store = _store(workspace)
+    with store:
+        version = register_run(ws, cfg, ws.run_dir(run or _latest_run(ws)), _audit_as_me(store))
+    log(f"registered {cfg.registry.model_name} version {version} (alias challenger)")
+
+
+@app.command()
+@friendly
+def promote(
+    ref: Annotated[str, typer.Argument(help="Version to promote: challenger, a number, NAME@alias.")] = "challenger",
+    workspace: WorkspaceOpt = None,
+    force_reason: Annotated[Optional[str], typer.Option(help="Promote despite failed gates; the reason goes to the audit log.")] = None,
+):
+    """Move the champion alias to a version whose gates pass (and approved, when registry.require_approval)."""
+    from lmops import registry
+
+    ws, cfg, store = _store(workspace)
+    with store:
+        version = registry.promote(ws, cfg, ref, audit=_audit_as_me(store), force_reason=force_reason)
+    log(f"{cfg.registry.model_name} version {version} is champion")
+
+
+@app.command()
+@friendly
+def approve(
+    version: Annotated[str, typer.Argument(help="Version number to approve.")],
+    workspace: WorkspaceOpt = None,
+    as_: Annotated[Optional[str], typer.Option("--as", help="Approver name; default LMOPS_USER or your user name. Must be in registry.approvers when that list is set.")] = None,
+):
+    """Approve a model version for promotion (recorded on the version and in the audit log)."""
+    from lmops import registry
+    from lmops.store import default_actor
+
+    ws, cfg, store = _store(workspace)
+    with store:
+        registry.approve(ws, cfg, version, as_ or default_actor(), audit=_audit_as_me(store))
+    log(f"version {version} approved by {as_ or default_actor()}")
+
+
+@app.command()
+@friendly
+def lineage(
+    ref: Annotated[str, typer.Argument(help="NAME@alias, NAME@version, @alias or a version number.")] = "@champion",
+    workspace: WorkspaceOpt = None,
+):
+    """The chain behind a model version: alias -> version -> run -> dataset -> corpus files, tokenizer, code."""
+    from lmops import registry
+
+    ws, cfg = _workspace_and_config(workspace, None)
+    console.print(registry.render_lineage(registry.lineage(ws, cfg, ref)))
 
 
 @app.command()
@@ -213,40 +333,6 @@ def import_(
         if (folder / name).exists():
             shutil.copy2(folder / name, run_dir / name)
     log(f"imported {model.num_params() / 1e6:.2f}M parameters into run '{run}' ({run_dir})")
-
-
-@app.command()
-@friendly
-def quickstart(
-    directory: Annotated[Path, typer.Argument(help="Folder for the demo workspace.")] = Path("lmops-quickstart"),
-    steps: Annotated[int, typer.Option(min=1, help="Training steps (about 15 per second on 2 CPU cores).")] = 600,
-):
-    """Demo: a workspace on Python's own documentation (no download), a small model trained, and a sample."""
-    from lmops.config import override
-    from lmops.data.corpus import write_demo_corpus
-    from lmops.data.prepare import prepare
-    from lmops.sample import generate_text
-    from lmops.train import train as run_training
-    from lmops.workspace import CONFIG_FILE, Workspace, init_workspace
-
-    root = directory.resolve()
-    ws = Workspace(root) if (root / CONFIG_FILE).exists() else init_workspace(root)
-    write_demo_corpus(root / "corpus")
-    log(f"[bold]1/3[/] workspace {ws.root} with a demo corpus: the documentation that ships with Python")
-    cfg = override(ws.config(), [f"train.max_steps={steps}", "train.eval_interval=200", "train.checkpoint_interval=200"])
-    tokens = prepare(ws, cfg, log=log)
-    log("[bold]2/3[/] training")
-    result = run_training(cfg, tokens, ws.run_dir("main"), ws.tokenizer_path.parent, progress=sys.stderr.isatty(), log=log)
-    log(f"[bold]3/3[/] sample from {result.checkpoint}:")
-    typer.echo(next(iter(generate_text(ws.run_dir("main"), "The ", 120, 0.8, 200, None, 1337, 1))))
-    log(f"\nnext: cd {ws.root} && lmops generate 'The list'   |   lmops train --help")
-
-
-def _store(workspace: Path | None, overrides: list[str] | None = None):
-    from lmops.store import Store
-
-    ws, cfg = _workspace_and_config(workspace, overrides)
-    return ws, cfg, Store.for_workspace(ws, cfg)
 
 
 @data_app.command("ingest")
@@ -424,6 +510,50 @@ def audit_verify(workspace: WorkspaceOpt = None):
     if not result.ok:
         raise LmopsError(f"audit log TAMPERED at entry {result.first_bad_seq}: {result.reason}")
     log(f"audit log intact: {result.entries} entries, hash chain verified")
+
+
+QUICKSTART = [
+    "tokenizer.vocab_size=2048",  # the demo corpus is ~465 KB: a small vocabulary leaves fewer rows untrained
+    "train.eval_interval=100", "train.checkpoint_interval=100",
+]
+
+
+@app.command()
+@friendly
+def quickstart(
+    directory: Annotated[Path, typer.Argument(help="Folder for the demo workspace.")] = Path("lmops-quickstart"),
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (about 10 per second on 2 CPU cores).")] = 500,
+):
+    """Demo: a workspace on Python's own documentation (no download) through the whole pipeline.
+
+    ingest -> validate -> tokenize -> train -> evaluate -> register -> promote, then a sample from the
+    champion. Run it again: every step is cached.
+    """
+    from lmops.config import Config, override
+    from lmops.data.corpus import write_demo_corpus
+    from lmops.pipeline import run_pipeline
+    from lmops.sample import generate_text
+    from lmops.workspace import CONFIG_FILE, Workspace, init_workspace
+
+    root = directory.resolve()
+    if (root / CONFIG_FILE).exists():
+        ws = Workspace(root)
+    else:
+        ws = init_workspace(root, config=override(Config(), [*QUICKSTART, f"train.max_steps={steps}"]))
+    write_demo_corpus(root / "corpus")
+    log(f"[bold]workspace[/] {ws.root}, corpus: the documentation that ships with Python (corpus/python-docs/)")
+    cfg = ws.config()
+    result = run_pipeline(ws, cfg, progress=sys.stderr.isatty(), log=log)
+    run_dir = Path(result.outputs["train"]["run_dir"])
+    log(f"[bold]sample[/] from the champion (version {result.outputs.get('promote', {}).get('champion', '?')}):")
+    typer.echo(generate_text(run_dir, "The ", 120, 0.8, 200, None, 1337, 1)[0])
+    log(f"""
+next, in {ws.root}:
+  lmops generate --run {run_dir.name} "The list"     sample more
+  lmops lineage @champion                         corpus -> dataset -> run -> model version -> alias
+  lmops audit verify                              the hash-chained audit log
+  lmops pipeline run                              again: every step cached
+  mlflow ui --backend-store-uri sqlite:///.lmops/mlflow.db   runs, metrics, registry""")
 
 
 def main() -> None:

@@ -371,10 +371,11 @@ def override(cfg: Config, assignments: list[str]) -> Config:
     return parse_config(data, "--set")
 
 
-def render_default_yaml() -> str:
-    """lmops.yaml as `lmops init` writes it: every key, its default and the reason for it."""
+def render_default_yaml(values: Config | None = None) -> str:
+    """lmops.yaml as `lmops init` writes it: every key, its value (the default unless values says
+    otherwise) and the reason for its default."""
     lines = ["# lmops workspace config. Every key is optional; shown here with its default and why.", ""]
-    defaults = Config()
+    defaults = values or Config()
     for section, field in Config.model_fields.items():
         model = field.annotation
         values = getattr(defaults, section)

@@ -166,7 +166,7 @@ def step_tokenize(ctx: Context) -> dict:
 
 def step_train(ctx: Context) -> dict:
     from lmops import tracking
-    from lmops.train import train
+    from lmops.train import train, update_run_info
 
     tok = ctx.outputs["tokenize"]
     run_dir = ctx.ws.runs_dir / f"pipeline-{ctx.keys['train'][:12]}"
@@ -175,31 +175,56 @@ def step_train(ctx: Context) -> dict:
         result = train(ctx.cfg, Path(tok["tokens_dir"]), run_dir, Path(tok["tokenizer_dir"]), progress=ctx.progress,
                        log=ctx.log, on_metrics=run.log_row)
         tracking.log_checkpoint(run.run_id, result.checkpoint)
+    update_run_info(run_dir, mlflow_run_id=run.run_id, dataset=ctx.outputs["ingest"]["dataset"])
     return {"checkpoint": str(result.checkpoint), "run_dir": str(run_dir), "mlflow_run_id": run.run_id,
             "metrics": result.metrics}
 
 
 def step_evaluate(ctx: Context) -> dict:
-    from lmops import evaluate, registry
+    tr = ctx.outputs["train"]
+    return evaluate_run(ctx.ws, ctx.cfg, Path(tr["run_dir"]), Path(ctx.outputs["tokenize"]["tokens_dir"]))
 
-    results = evaluate.evaluate_checkpoint(Path(ctx.outputs["train"]["checkpoint"]), Path(ctx.outputs["tokenize"]["tokens_dir"]), ctx.cfg)
-    evaluate.log_evaluation(ctx.outputs["train"]["mlflow_run_id"], results)
-    champion = registry.champion_metrics(ctx.ws, ctx.cfg)
-    gates = evaluate.check_gates(results, ctx.cfg.evaluate.gates, champion)
+
+def evaluate_run(ws: Workspace, cfg: Config, run_dir: Path, tokens_dir: Path) -> dict:
+    """Evaluate a run's checkpoint, log it to the run's MLflow run, check the gates against the
+    champion; the terminal gets the gate table, run_dir/evaluation.json the whole result."""
     from rich.console import Console
 
+    from lmops import evaluate, registry, tracking
+    from lmops.train import CKPT_NAME, read_run_info, update_run_info
+
+    tracking.configure(ws, cfg)
+    results = evaluate.evaluate_checkpoint(run_dir / CKPT_NAME, tokens_dir, cfg)
+    evaluate.log_evaluation(read_run_info(run_dir).get("mlflow_run_id"), results)
+    gates = evaluate.check_gates(results, cfg.evaluate.gates, registry.champion_metrics(ws, cfg))
     Console(stderr=True).print(evaluate.render_gates(gates))
-    return {"results": results, "gates": [g.__dict__ for g in gates], "passed": all(g.passed for g in gates)}
+    out = {"results": results, "gates": [g.__dict__ for g in gates], "passed": all(g.passed for g in gates)}
+    (run_dir / "evaluation.json").write_text(json.dumps(out, indent=2, default=str))
+    update_run_info(run_dir, evaluated=True)
+    return out
 
 
 def step_register(ctx: Context) -> dict:
     from lmops import registry
 
-    ev, tr = ctx.outputs["evaluate"], ctx.outputs["train"]
-    version = registry.register(ctx.ws, ctx.cfg, tr["mlflow_run_id"], Path(tr["checkpoint"]), ev["results"], ev["gates"],
-                                ctx.outputs["ingest"]["dataset"], audit=ctx.audit)
+    version = register_run(ctx.ws, ctx.cfg, Path(ctx.outputs["train"]["run_dir"]), ctx.audit)
     ctx.log(f"registered {ctx.cfg.registry.model_name} version {version} (alias challenger)")
     return {"version": str(version)}
+
+
+def register_run(ws: Workspace, cfg: Config, run_dir: Path, audit) -> str:
+    """Register an evaluated run's checkpoint as a new model version (alias challenger)."""
+    from lmops import registry
+    from lmops.train import CKPT_NAME, read_run_info
+
+    info = read_run_info(run_dir)
+    evaluation = run_dir / "evaluation.json"
+    if "mlflow_run_id" not in info or not evaluation.exists():
+        raise LmopsError(f"{run_dir}: not a tracked, evaluated run; train it with `lmops train` and "
+                         f"`lmops evaluate --run {run_dir.name}` first")
+    ev = json.loads(evaluation.read_text())
+    return str(registry.register(ws, cfg, info["mlflow_run_id"], run_dir / CKPT_NAME, ev["results"], ev["gates"],
+                                 info.get("dataset"), audit=audit))
 
 
 def step_promote(ctx: Context) -> dict:

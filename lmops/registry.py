@@ -289,12 +289,27 @@ def lineage(ws: Workspace, cfg: Config, ref: str) -> dict:
             "status": run.info.status if run else "deleted", "experiment_id": run.info.experiment_id if run else None,
             "checkpoint_step": rtags.get(tracking.TAG_CHECKPOINT_STEP),
         },
-        "dataset": {"id": tag(tracking.TAG_DATASET)},
+        "dataset": _dataset_lineage(ws, tag(tracking.TAG_DATASET)),
         "tokenizer": {"sha256": tag(tracking.TAG_TOKENIZER)},
         "code": {"git_commit": tag(tracking.TAG_GIT_COMMIT), "git_repo": rtags.get(tracking.TAG_GIT_REPO),
                  "lmops_version": tag(tracking.TAG_VERSION)},
         "eval": eval_metrics(mv),
     }
+
+
+def _dataset_lineage(ws: Workspace, dataset_id: str | None) -> dict:
+    """The dataset version and the corpus files it was made from (when the version is in this workspace)."""
+    from lmops.data.dataset import load_dataset
+
+    out: dict = {"id": dataset_id}
+    if dataset_id:
+        try:
+            version = load_dataset(ws.state, dataset_id)
+        except LmopsError:
+            return out
+        out["documents"] = version.manifest["totals"]["documents"]
+        out["sources"] = [{"path": s.get("path"), "sha256": s.get("sha256")} for s in version.report.get("sources", [])]
+    return out
 
 
 def render_lineage(lin: dict):
@@ -309,7 +324,16 @@ def render_lineage(lin: dict):
                 + (f", [yellow]override: {m['gate_override']}[/]" if m["gate_override"] else ""))
     run = root.add(f"run [bold]{r['name']}[/] {r['id']} ({r['status']}"
                    + (f", step {r['checkpoint_step']}" if r["checkpoint_step"] else "") + ")")
-    dataset = run.add(f"dataset {lin['dataset']['id'] or '(not recorded)'}")
+    ds = lin["dataset"]
+    dataset = run.add(f"dataset {ds['id'] or '(not recorded)'}"
+                      + (f" ({ds['documents']} documents)" if "documents" in ds else ""))
+    sources = ds.get("sources", [])
+    if sources:
+        files = dataset.add(f"{len(sources)} corpus file(s)")
+        for src in sources[:5]:
+            files.add(f"{src['path']}  sha256 {(src['sha256'] or '?')[:12]}")
+        if len(sources) > 5:
+            files.add(f"... and {len(sources) - 5} more (`lmops data show {ds['id'][:12]}`)")
     tok = dataset.add(f"tokenizer sha256 {(lin['tokenizer']['sha256'] or '?')[:16]}")
     code = lin["code"]
     tok.add(f"code git {(code['git_commit'] or 'unknown')[:12]}"

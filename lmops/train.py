@@ -27,6 +27,17 @@ from lmops.errors import LmopsError
 from lmops.model import GPT, GPTConfig
 
 CKPT_NAME = "ckpt.safetensors"
+RUN_INFO = "run.json"  # beside the checkpoint: the run's MLflow id, dataset, evaluation
+
+
+def read_run_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_INFO
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_run_info(run_dir: Path, **info) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / RUN_INFO).write_text(json.dumps({**read_run_info(run_dir), **info}, indent=2, default=str))
 
 
 @dataclass
@@ -244,7 +255,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(ckpt_path, model, optimizer, rng, {
-            "step": at, "best_val_loss": best, "config": cfg.to_dict(), "tokens": meta, "run": run_dir.name,
+            "step": at, "best_val_loss": best, "config": cfg.to_dict(), "tokens": meta, "tokens_dir": str(tokens_dir),
+            "run": run_dir.name,
             "metrics": metrics,
         })
 

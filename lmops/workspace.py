@@ -53,7 +53,8 @@ class Workspace:
         return p if p.is_absolute() else self.root / p
 
 
-def init_workspace(root: Path, force: bool = False) -> Workspace:
+def init_workspace(root: Path, force: bool = False, config: Config | None = None) -> Workspace:
+    """Create root/lmops.yaml (config's values, else the defaults), .lmops/ and corpus/."""
     root = root.expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise LmopsError(f"{root}: exists and is not a folder")
@@ -61,7 +62,7 @@ def init_workspace(root: Path, force: bool = False) -> Workspace:
     if ws.config_path.exists() and not force:
         raise LmopsError(f"{ws.config_path}: already exists; pass --force to overwrite it")
     root.mkdir(parents=True, exist_ok=True)
-    ws.config_path.write_text(render_default_yaml(), encoding="utf-8")
+    ws.config_path.write_text(render_default_yaml(config), encoding="utf-8")
     ws.state.mkdir(exist_ok=True)
     (root / "corpus").mkdir(exist_ok=True)
     return ws

@@ -13,7 +13,7 @@ from lmops.cli import app
 
 def lmops(*args, cwd=None, env=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "lmops.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -95,10 +95,54 @@ def test_export_then_import_round_trip(workspace, tiny_sets, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart(tmp_path):
+def test_quickstart_runs_the_pipeline_and_caches_the_second_time(tmp_path):
     proc = lmops("quickstart", str(tmp_path / "qs"), "--steps", "20")
-    assert "sample from" in proc.stderr and proc.stdout.strip()
-    assert (tmp_path / "qs" / ".lmops" / "runs" / "main" / "ckpt.safetensors").exists()
+    assert "sample from the champion" in proc.stderr and proc.stdout.strip()
+    assert list((tmp_path / "qs" / ".lmops" / "runs").glob("pipeline-*/ckpt.safetensors"))
+    again = lmops("pipeline", "run", "-w", str(tmp_path / "qs"))
+    assert "nothing changed: every step was cached" in again.stderr
+    assert "hash chain verified" in lmops("audit", "verify", "-w", str(tmp_path / "qs")).stderr
+
+
+def test_governance_commands(workspace, tiny_sets, tmp_path):
+    """train -> evaluate -> register -> approve -> promote -> lineage -> audit, as a person types them."""
+    w = ["-w", str(workspace.root)]
+    sets = [a for item in [*tiny_sets, "evaluate.max_new_tokens=4", "registry.require_approval=true",
+                           "registry.approvers=[alice]"] for a in ("--set", item)]
+    (workspace.root / "lmops.yaml").write_text(
+        "registry:\n  require_approval: true\n  approvers: [alice]\nevaluate:\n  max_new_tokens: 4\n")
+    lmops("train", *w, *sets[:len(tiny_sets) * 2], "--no-progress")
+    ev = lmops("evaluate", *w)
+    assert "val loss" in ev.stderr and "safety" in ev.stderr
+    assert "version 1" in lmops("register", *w).stderr
+    refused = lmops("promote", *w, check=False)
+    assert refused.returncode == 1 and "needs approval by one of alice" in refused.stderr
+    wrong = lmops("approve", "1", "--as", "mallory", *w, check=False)
+    assert wrong.returncode == 1 and "mallory" in wrong.stderr
+    lmops("approve", "1", "--as", "alice", *w)
+    assert "version 1 is champion" in lmops("promote", *w).stderr
+    lineage = lmops("lineage", "@champion", *w).stderr
+    assert "lmops-model v1 @challenger, @champion" in lineage and "approved by alice" in lineage
+    audit = lmops("audit", "list", *w).stderr
+    assert all(a in audit for a in ("model.registered", "model.approved", "model.promoted"))
+    assert "hash chain verified" in lmops("audit", "verify", *w).stderr
+
+
+def test_data_commands(workspace, tmp_path):
+    w = ["-w", str(workspace.root)]
+    first = lmops("data", "ingest", *w)
+    assert "documents read" in first.stderr and "dataset " in first.stderr
+    (workspace.root / "corpus" / "more.txt").write_text("A second document, long enough to keep. " * 5)
+    (workspace.root / "corpus" / "bad.txt").write_bytes(b"caf\xe9 " * 20)
+    second = lmops("data", "ingest", *w)
+    assert "quarantined" in second.stderr
+    assert list((workspace.root / ".lmops" / "quarantine").rglob("bad.txt*"))
+    listed = lmops("data", "list", *w).stderr
+    assert first.stderr.split("dataset ")[1][:12] in listed and listed.count("\n") >= 6
+    diff = lmops("data", "diff", first.stderr.split("dataset ")[1][:12], "latest", *w)
+    assert "+1 documents" in diff.stderr
+    gate = lmops("data", "ingest", *w, "--set", "data.min_documents=100", check=False)
+    assert gate.returncode == 1 and "min_documents" in gate.stderr
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workspace, tiny_sets):
