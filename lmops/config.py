@@ -293,6 +293,14 @@ class PipelineConfig(Section):
     )
 
 
+class ServeConfig(Section):
+    """The inference engine and the OpenAI-compatible HTTP server."""
+
+
+class AuthConfig(Section):
+    """API keys, roles and per-key rate limits of the server."""
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -304,6 +312,8 @@ class Config(Section):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
