@@ -193,6 +193,23 @@ class SafetyConfig(Section):
         description="Kinds of personal data and secrets to find and redact: all of them, because a "
         "model can repeat any of them verbatim.",
     )
+    pii_action: Literal["allow", "flag", "redact", "block"] = Field(
+        "redact",
+        description="Server moderation of PII in prompts and completions: redact replaces it with "
+        "placeholders ([EMAIL]) and serves the rest, because most PII in a request is incidental (a "
+        "signature, a pasted log) and refusing the whole request would be out of proportion.",
+    )
+    blocklist_action: Literal["allow", "flag", "block"] = Field(
+        "block",
+        description="Server moderation of blocklisted terms: block refuses the request or withholds the "
+        "completion, because you listed these terms as never to be served (an empty list blocks nothing).",
+    )
+    injection_action: Literal["allow", "flag", "block"] = Field(
+        "flag",
+        description="Server moderation of prompt-injection patterns, on prompts only (a completion "
+        "cannot inject into its own model): flag records the hit and serves, because the patterns are "
+        "heuristics that also match honest text about prompts; set block once your logs show few false hits.",
+    )
 
 
 class StoreConfig(Section):
@@ -296,9 +313,108 @@ class PipelineConfig(Section):
 class ServeConfig(Section):
     """The inference engine and the OpenAI-compatible HTTP server."""
 
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on: loopback, because the server speaks plain HTTP; put it behind a "
+        "TLS-terminating proxy, or set 0.0.0.0 in a container whose network you control.",
+    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port: 8000, as vLLM and most OpenAI-compatible servers.")
+    served_model_name: str | None = Field(
+        None,
+        description="The model id clients send and /v1/models lists. None: registry.model_name for a "
+        "registry reference, the checkpoint's folder name for a local path.",
+    )
+    max_batch: int = Field(
+        16, ge=1,
+        description="Sequences decoded together in one forward pass (continuous batching): on a CPU a "
+        "small model's step costs about the same for 1 or 16 rows, so throughput grows almost 16x while "
+        "each request slows little; 1 turns batching off.",
+    )
+    max_waiting: int = Field(
+        64, ge=0,
+        description="Requests queued for a free batch slot before new ones get 429: four batches' worth, "
+        "so a burst is absorbed yet a request never waits behind minutes of work.",
+    )
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024,
+        description="Largest request body (413 above it): 1 MB holds any prompt within max_prompt_tokens "
+        "written as JSON token ids, and stops a client making the server parse huge bodies.",
+    )
+    max_prompt_tokens: int = Field(
+        4096, ge=1,
+        description="Longest prompt in tokens (400 above it); the model's context (model.block_size) caps "
+        "it further when smaller, since the model never saw longer positions.",
+    )
+    max_tokens_limit: int = Field(
+        1024, ge=1,
+        description="Largest max_tokens a request may ask for (400 above it): bounds the time one request "
+        "holds a batch slot.",
+    )
+    default_max_tokens: int = Field(
+        128, ge=0,
+        description="max_tokens when a request gives none: OpenAI's 16 for completions cuts most answers "
+        "mid-sentence, and unbounded ties up a slot; 128 is a paragraph.",
+    )
+    reload_interval_s: float = Field(
+        30.0, gt=0,
+        description="When serving an alias (NAME@champion), seconds between checks of where it points; a "
+        "promotion is served within this time, at one cheap registry query per check.",
+    )
+    shutdown_timeout_s: float = Field(
+        25.0, ge=0,
+        description="On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cut: under "
+        "Kubernetes' default 30 s grace period, leaving time to flush the request log.",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics without an API key. Off: request rates and latencies describe your "
+        "traffic, so the deployer role is needed; turn on when only the scraper can reach the port.",
+    )
+    moderation_holdback_chars: int = Field(
+        64, ge=0,
+        description="Streaming holds back this many characters of a completion until moderation has seen "
+        "what follows them: PII (an e-mail, a card number) shorter than this is redacted before any of it "
+        "is sent. Costs that much delay at the start of a stream.",
+    )
+    chat_roles: dict[str, str] = Field(
+        default_factory=lambda: {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"},
+        description="Chat messages become lines 'Label: content' and the prompt ends 'Assistant:' (the label "
+        "of assistant): a plain transcript, which a model trained on ordinary text can continue without "
+        "chat tuning. Roles not listed are refused.",
+    )
+    chat_stop: list[str] = Field(
+        default_factory=lambda: ["\nUser:", "\nSystem:"],
+        description="Chat replies end where the model starts writing the next turn itself, as untuned "
+        "models do: these are added to every chat request's stop sequences.",
+    )
+
 
 class AuthConfig(Section):
     """API keys, roles and per-key rate limits of the server."""
+
+    enabled: bool = Field(
+        True,
+        description="Require an API key (Authorization: Bearer) on every endpoint. False serves anyone "
+        "with no keys and no rate limits: only for local experiments on a loopback address, never on a "
+        "network.",
+    )
+    rate_limit_per_s: float = Field(
+        20.0, gt=0,
+        description="Sustained requests per second per API key (a token bucket): well above one person "
+        "or a small script, low enough that one leaked or looping key cannot starve the others of a small "
+        "model's capacity.",
+    )
+    burst: int = Field(
+        40, ge=1,
+        description="Requests a key may make at once (the bucket's size): two seconds' worth at the "
+        "sustained rate, so a client that fans out a batch of prompts is not refused.",
+    )
+    key_cache_ttl_s: float = Field(
+        5.0, ge=0,
+        description="Seconds a verified key is trusted before the store is asked again: one database "
+        "query per key every 5 s rather than per request, and a revoked key still stops working within "
+        "5 s. 0 checks the store on every request.",
+    )
 
 
 class Config(Section):

@@ -13,6 +13,7 @@ costs little more than hashing the corpus.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -38,16 +39,25 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-_CODE_VERSION: str | None = None
+# The modules each step runs: a change to them (or to the pipeline and the config schema, which
+# every step depends on) invalidates that step's cache, and only that step's.
+CODE = {
+    "ingest": ["data/ingest.py", "data/dataset.py", "data/corpus.py", "safety.py"],
+    "validate": ["data/ingest.py"],
+    "tokenize": ["tokenizer.py", "data/dataset.py"],
+    "train": ["model.py", "train.py", "checkpoint.py", "tracking.py"],
+    "evaluate": ["evaluate.py", "model.py", "checkpoint.py", "safety.py"],
+    "register": ["registry.py", "tracking.py"],
+    "promote": ["registry.py"],
+}
 
 
-def code_version() -> str:
-    """Hash of the lmops sources: a change to the code invalidates the cache of every step."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        root = Path(__file__).parent
-        _CODE_VERSION = _sha256_json([(str(p.relative_to(root)), _sha256_file(p)) for p in sorted(root.rglob("*.py"))])
-    return _CODE_VERSION
+@functools.cache
+def code_version(step: str) -> str:
+    """Hash of the lmops sources a step runs."""
+    root = Path(__file__).parent
+    files = ["pipeline.py", "config.py", *CODE[step]]
+    return _sha256_json([(f, _sha256_file(root / f)) for f in files])
 
 
 def _source_fingerprint(ws: Workspace, sources: list[str]) -> list:
@@ -79,7 +89,7 @@ class Context:
 # ----------------------------------------------------------------------------- keys: what each step reads
 
 def _key(ctx: Context, name: str, *parts) -> str:
-    return _sha256_json([name, code_version(), *parts])
+    return _sha256_json([name, code_version(name), *parts])
 
 
 DATA_GATES = {"min_documents", "max_duplicate_ratio"}  # read by validate only, not by ingest

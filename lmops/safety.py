@@ -1,8 +1,9 @@
 """Content rules: personal data (PII), secrets, blocklisted terms and prompt injection.
 
 One set of rules for the whole life cycle: the data pipeline scrubs PII from the corpus, the
-evaluation suite checks samples with them, and the server will moderate requests with them. Keeping
-them in one place means a model is judged by the rules its training data was cleaned with.
+evaluation suite checks samples with them, and the server moderates prompts and completions with them
+(`moderate`, an action per rule from SafetyConfig). Keeping them in one place means a model is judged,
+and served, by the rules its training data was cleaned with.
 
 Everything is regular expressions compiled once at import, plus a check where a regex alone guesses
 too much (Luhn for card numbers, `ipaddress` for IPv6). Choices a reader could make otherwise:
@@ -27,6 +28,10 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lmops.config import SafetyConfig
 
 PII_KINDS = ("email", "phone", "ip", "credit_card", "secret")
 
@@ -241,3 +246,49 @@ _INJECTION = {
 def injection_hits(text: str) -> list[str]:
     """Names of the INJECTION_RULES that text matches, in table order."""
     return [name for name, pattern in _INJECTION.items() if pattern.search(text)]
+
+
+# ---------------------------------------------------------------------------------------------- moderation
+
+Action = Literal["allow", "flag", "redact", "block"]
+
+# When several rules hit, the strongest action wins.
+STRENGTH: dict[str, int] = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
+
+
+@dataclass(frozen=True)
+class Moderation:
+    """The verdict on one text: what to do, the text to use (PII replaced when the PII rule redacts),
+    and what each rule found: {"pii": ["email"], "blocklist": ["foo"], "injection": ["role_override"]},
+    only the rules that found something."""
+
+    action: Action
+    text: str
+    hits: dict[str, list[str]]
+
+
+def moderate(text: str, cfg: SafetyConfig, direction: Literal["input", "output"]) -> Moderation:
+    """Check a prompt (input) or a completion (output) with find_pii/redact_pii, blocklist_hits and
+    injection_hits, each rule acting as cfg says (pii_action, blocklist_action, injection_action).
+
+    - Injection rules apply to input only: they describe an attack on the model through its prompt,
+      and a completion that happens to say "ignore previous instructions" attacks nothing.
+    - The action is the strongest among the rules that hit (block > redact > flag > allow); a rule set
+      to "allow" still reports its hits, so they can be counted.
+    - The returned text has PII replaced when pii_action is redact, and also when it is block: a
+      blocked text is never served but may be logged, and it holds the PII that got it blocked.
+    - Blocklist and injection rules read the original text, so redaction never hides a term from them.
+    """
+    if direction not in ("input", "output"):
+        raise ValueError(f"direction {direction!r}: expected 'input' or 'output'")
+    redacted, counts = redact_pii(text, cfg.pii_kinds)
+    found = {
+        "pii": [kind for kind in PII_KINDS if counts[kind]],
+        "blocklist": blocklist_hits(text, cfg.blocklist),
+        "injection": injection_hits(text) if direction == "input" else [],
+    }
+    actions = {"pii": cfg.pii_action, "blocklist": cfg.blocklist_action, "injection": cfg.injection_action}
+    hits = {rule: names for rule, names in found.items() if names}
+    action = max((actions[rule] for rule in hits), key=STRENGTH.__getitem__, default="allow")
+    scrub = "pii" in hits and cfg.pii_action in ("redact", "block")
+    return Moderation(action, redacted if scrub else text, hits)

@@ -1,4 +1,5 @@
-"""The metadata store: datasets, pipeline runs and their steps, the workspace lock, the audit log.
+"""The metadata store: datasets, pipeline runs and their steps, the workspace lock, the audit log,
+and for the server its API keys and request log.
 
 One SQL database: a SQLite file in the workspace by default (nothing to run), PostgreSQL by URL for a
 team. Tables are created and changed only by the Alembic migrations shipped in lmops/migrations, run
@@ -9,16 +10,21 @@ outlives the method that opened it.
 The audit log is append-only (database triggers refuse UPDATE and DELETE) and hash-chained: each
 entry holds the hash of the one before, so an edit, a deletion or a reordering made by someone who
 dropped the triggers is still found by `verify_audit`.
+
+API keys are stored as a prefix (shown in listings, used to find the key) and a hash of the secret;
+the secret itself is shown once, by `create_api_key`, and never stored or logged.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,8 +35,8 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.util import CommandError
 from sqlalchemy import (
-    JSON, URL, DateTime, Dialect, Engine, ForeignKey, Index, MetaData, Text, TypeDecorator, create_engine, delete,
-    event, exc, make_url, select, text,
+    JSON, URL, BigInteger, CheckConstraint, DateTime, Dialect, Engine, ForeignKey, Index, Integer, MetaData, Text,
+    TypeDecorator, create_engine, delete, event, exc, insert, make_url, select, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
 
@@ -48,6 +54,9 @@ CONNECT_TIMEOUT_S = 5  # PostgreSQL: a server that is down must fail fast, not h
 MIGRATION_LOCK = 0x6C6D6F7073  # PostgreSQL advisory lock key ("lmops"): one migrator at a time
 VERSION_TABLE = "lmops_alembic_version"  # not alembic_version: MLflow's tables may share the database
 FINISHED = ("succeeded", "failed", "cancelled", "skipped")
+ROLES = ("inference", "deployer", "admin")  # lowest to highest: each may do what the ones before it may
+KEY_PREFIX = "lmk_"  # marks an lmops key, so secret scanners and people can tell what leaked
+PREFIX_CHARS = len(KEY_PREFIX) + 8  # the start of a secret kept in clear: 48 of its 256 bits, enough to find it
 
 
 def utcnow() -> datetime:
@@ -167,6 +176,44 @@ class AuditRow(Base):
     hash: Mapped[str]
 
 
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(f"role IN {ROLES!r}", name="ck_api_keys_role"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    role: Mapped[str]
+    prefix: Mapped[str] = mapped_column(unique=True)  # verify_api_key finds the key by it
+    # sha256 of the whole secret. A fast hash is right here: the secret is 256 random bits, so there is no
+    # dictionary to try and no brute force to slow down; slow hashes (bcrypt, argon2) protect low-entropy
+    # passwords, and would add their deliberate ~100 ms to every request on a cache miss.
+    hash: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str]
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RequestLogRow(Base):
+    __tablename__ = "request_log"
+    # BIGINT: a busy server passes 2**31 requests; SQLite autoincrements only an INTEGER primary key.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # when the request arrived
+    request_id: Mapped[str] = mapped_column(index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), index=True)  # None: auth disabled
+    model: Mapped[str | None]
+    model_version: Mapped[str | None]
+    endpoint: Mapped[str]
+    status_code: Mapped[int]
+    error: Mapped[str | None] = mapped_column(Text)
+    prompt: Mapped[str | None] = mapped_column(Text)  # as redacted by policy before it gets here
+    completion: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+    queue_s: Mapped[float | None]
+    ttft_s: Mapped[float | None]
+    latency_s: Mapped[float | None]
+    moderation: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # lmops.safety.Moderation hits and action
+
+
 # ---------------------------------------------------------------------------------------------- entities
 
 
@@ -242,6 +289,69 @@ class AuditVerification:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key of the server, without its secret (only the secret's hash is stored)."""
+
+    id: int
+    name: str
+    role: str
+    prefix: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One served request, as the request log holds it."""
+
+    id: int
+    ts: datetime
+    request_id: str
+    key_id: int | None
+    model: str | None
+    model_version: str | None
+    endpoint: str
+    status_code: int
+    error: str | None
+    prompt: str | None
+    completion: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    queue_s: float | None
+    ttft_s: float | None
+    latency_s: float | None
+    moderation: dict[str, Any] | None
+
+
+# The columns a request_log row is given (id is the database's), and those it cannot do without.
+REQUEST_FIELDS = tuple(c.name for c in RequestLogRow.__table__.columns if c.name != "id")
+REQUEST_REQUIRED = ("request_id", "endpoint", "status_code")
+
+
+def request_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One request_log row checked and completed: every column present (a batch insert needs the same
+    keys in each row), ts now if not given, NUL characters replaced (PostgreSQL text refuses them).
+    A wrong key or a missing required value is a programming error: ValueError, at once."""
+    if unknown := row.keys() - set(REQUEST_FIELDS):
+        known = ", ".join(REQUEST_FIELDS)
+        raise ValueError(f"request_log has no column {', '.join(sorted(unknown))}; columns: {known}")
+    if missing := [k for k in REQUEST_REQUIRED if row.get(k) is None]:
+        raise ValueError(f"request_log row without {', '.join(missing)}")
+    out = {k: row.get(k) for k in REQUEST_FIELDS}
+    if out["ts"] is None:
+        out["ts"] = utcnow()
+    for k, v in out.items():
+        if isinstance(v, str) and "\x00" in v:
+            out[k] = v.replace("\x00", "\ufffd")
+    return out
+
+
 def _dataset(row: DatasetRow) -> DatasetRecord:
     return DatasetRecord(row.id, row.short_id, row.path, row.parent, row.documents, row.created_by,
                          row.created_at, row.summary)
@@ -267,6 +377,18 @@ def audit_hash(seq: int, timestamp: str, actor: str, action: str, subject: str, 
     fields = dict(seq=seq, timestamp=timestamp, actor=actor, action=action, subject=subject, details=details,
                   reason=reason, prev_hash=prev_hash)
     return hashlib.sha256(canonical_json(fields).encode("utf-8")).hexdigest()
+
+
+def _api_key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(row.id, row.name, row.role, row.prefix, row.created_at, row.created_by, row.revoked_at)
+
+
+def _key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _request(row: RequestLogRow) -> RequestRecord:
+    return RequestRecord(**{k: getattr(row, k) for k in ("id", *REQUEST_FIELDS)})
 
 
 def _audit(row: AuditRow) -> AuditEntry:
@@ -629,6 +751,97 @@ class Store:
                     return AuditVerification(False, expected - 1, *bad)
                 expected, prev_hash = expected + 1, row.hash
         return AuditVerification(True, expected - 1)
+
+    # ------------------------------------------------------------------------------------------ API keys
+
+    def create_api_key(self, name: str, role: str, created_by: str) -> tuple[ApiKey, str]:
+        """A new key and its secret, `lmk_` + 43 URL-safe characters (256 random bits). The secret is
+        returned this once: only its prefix and hash are stored, and the audit entry names the prefix."""
+        if role not in ROLES:
+            raise LmopsError(f"unknown role '{role}'; use one of {', '.join(ROLES)}")
+        if not name.strip():
+            raise LmopsError("an API key needs a name saying who or what uses it; pass one")
+        for _ in range(3):
+            secret = KEY_PREFIX + secrets.token_urlsafe(32)
+            try:
+                with self._sessions.begin() as s:
+                    row = ApiKeyRow(name=name, role=role, prefix=secret[:PREFIX_CHARS], hash=_key_hash(secret),
+                                    created_at=utcnow(), created_by=created_by)
+                    s.add(row)
+                    s.flush()
+                    key = _api_key(row)
+                break
+            except exc.IntegrityError:  # the prefix was drawn before (1 in 2**48 per key): draw again
+                continue
+        else:
+            raise LmopsError("could not draw an unused API key prefix three times; try again")
+        self.audit(created_by, "api_key.created", f"api_key:{key.prefix}", {"id": key.id, "name": name, "role": role})
+        return key, secret
+
+    def list_api_keys(self) -> list[ApiKey]:
+        """Oldest first, revoked ones included (their revoked_at says so)."""
+        with self._sessions.begin() as s:
+            return [_api_key(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.id))]
+
+    def revoke_api_key(self, id_or_prefix: str | int, by: str) -> ApiKey:
+        """Revoke by id or by prefix (as listed, or a unique start of it). Revoking a revoked key
+        returns it unchanged, with no second audit entry."""
+        with self._sessions.begin() as s:
+            row = self._find_api_key(s, str(id_or_prefix).strip())
+            if row.revoked_at is not None:
+                return _api_key(row)
+            row.revoked_at = utcnow()
+            s.flush()
+            key = _api_key(row)
+        self.audit(by, "api_key.revoked", f"api_key:{key.prefix}", {"id": key.id, "name": key.name, "role": key.role})
+        return key
+
+    @staticmethod
+    def _find_api_key(s: Any, ref: str) -> ApiKeyRow:
+        rows: list[ApiKeyRow] = []
+        if ref.isdigit():
+            row = s.get(ApiKeyRow, int(ref))
+            rows = [row] if row is not None else []
+        elif ref.startswith(KEY_PREFIX):
+            rows = list(s.scalars(select(ApiKeyRow).where(ApiKeyRow.prefix.startswith(ref, autoescape=True))
+                                  .order_by(ApiKeyRow.id).limit(6)))
+        if len(rows) == 1:
+            return rows[0]
+        if not rows:
+            raise LmopsError(f"no API key matches '{ref}'; list the keys and pass an id or a prefix (lmk_...)")
+        listed = ", ".join(r.prefix for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise LmopsError(f"API key '{ref}' is ambiguous ({listed}); give more characters of the prefix")
+
+    def verify_api_key(self, secret: str) -> ApiKey | None:
+        """The key whose secret this is, or None (unknown, malformed or revoked). The key is found by
+        its prefix, which is no secret (listings show it); the hash is then compared in constant time,
+        so response times reveal nothing about the rest of the secret."""
+        if not secret.startswith(KEY_PREFIX) or len(secret) <= PREFIX_CHARS:
+            return None
+        with self._sessions.begin() as s:
+            row = s.scalars(select(ApiKeyRow).where(ApiKeyRow.prefix == secret[:PREFIX_CHARS])).first()
+            if row is None or not hmac.compare_digest(row.hash, _key_hash(secret)) or row.revoked_at is not None:
+                return None
+            return _api_key(row)
+
+    # ------------------------------------------------------------------------------------------ request log
+
+    def log_requests(self, rows: list[Mapping[str, Any]]) -> int:
+        """Insert rows (see request_row) in one transaction: all of them or, on an error, none."""
+        if not rows:
+            return 0
+        clean = [request_row(r) for r in rows]
+        with self._sessions.begin() as s:
+            s.execute(insert(RequestLogRow), clean)
+        return len(clean)
+
+    def list_requests(self, limit: int = 100, since: datetime | None = None) -> list[RequestRecord]:
+        """Newest first; since: only requests that arrived at or after it."""
+        query = select(RequestLogRow).order_by(RequestLogRow.ts.desc(), RequestLogRow.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(RequestLogRow.ts >= since)
+        with self._sessions.begin() as s:
+            return [_request(r) for r in s.scalars(query)]
 
 
 def _check_status(status: str) -> None:

@@ -84,7 +84,7 @@ def test_migrated_schema_is_the_orm_schema(store, url):
         ctx = MigrationContext.configure(conn, opts=opts)
         assert compare_metadata(ctx, Base.metadata) == []
         head = ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
-        assert ctx.get_current_revision() == head == "0001"
+        assert ctx.get_current_revision() == head == "0002"
     with Store.open(url) as again:  # opening a store at head changes nothing
         assert again.verify_audit().ok
     assert (MIGRATIONS / "env.py").is_file()
@@ -310,3 +310,117 @@ def test_a_schema_from_a_newer_lmops_is_named(tmp_path):
         conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
     with pytest.raises(LmopsError, match=r"has a schema this lmops does not know .*; upgrade lmops"):
         Store.open(url)
+
+
+# ---------------------------------------------------------------------------------------------- serving: 0002
+
+
+def test_migration_0002_upgrades_a_0001_store_and_downgrades(url):
+    from alembic import command
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0001")
+        with Store.open(url) as store:  # opening upgrades to head, keeping what was there
+            assert store.verify_audit().entries == 0
+            key, _ = store.create_api_key("ci", "inference", "alice")
+            store.log_requests([{"request_id": "r1", "endpoint": "/v1/completions", "status_code": 200,
+                                 "key_id": key.id}])
+        with engine.begin() as conn:
+            assert {"api_keys", "request_log"} <= set(inspect(conn).get_table_names())
+            command.downgrade(alembic_config(conn), "0001")
+        with engine.connect() as conn:
+            assert not {"api_keys", "request_log"} & set(inspect(conn).get_table_names())
+            assert MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision() \
+                == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_api_keys(store):
+    import hashlib
+
+    key, secret = store.create_api_key("ci-bot", "inference", "alice")
+    assert secret.startswith("lmk_") and len(secret) == 4 + 43 and secret[:12] == key.prefix
+    assert (key.name, key.role, key.created_by, key.revoked_at, key.revoked) == ("ci-bot", "inference", "alice",
+                                                                                 None, False)
+    with store.engine.connect() as conn:  # only the hash of the secret is stored
+        stored = conn.execute(text("SELECT * FROM api_keys")).mappings().one()
+    assert stored["hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in " ".join(map(str, stored.values()))
+
+    assert store.verify_api_key(secret) == key
+    for wrong in (secret[:-1] + ("A" if secret[-1] != "A" else "B"), secret[:12], "", "Bearer " + secret,
+                  "sk-" + secret[4:], key.prefix + "x" * 35):
+        assert store.verify_api_key(wrong) is None
+
+    admin, admin_secret = store.create_api_key("ops", "admin", "alice")
+    assert [k.id for k in store.list_api_keys()] == [key.id, admin.id]
+    with pytest.raises(LmopsError, match="unknown role 'root'; use one of inference, deployer, admin"):
+        store.create_api_key("x", "root", "alice")
+    with pytest.raises(LmopsError, match="needs a name"):
+        store.create_api_key(" ", "admin", "alice")
+
+    revoked = store.revoke_api_key(key.prefix[:9], by="bob")  # a unique start of the prefix
+    assert revoked.revoked and revoked.id == key.id
+    assert store.verify_api_key(secret) is None and store.verify_api_key(admin_secret) == admin
+    assert store.revoke_api_key(str(key.id), by="carol") == revoked  # again: unchanged, no new audit entry
+    assert store.revoke_api_key(admin.id, by="bob").revoked
+    with pytest.raises(LmopsError, match="no API key matches 'lmk_zzzz'"):
+        store.revoke_api_key("lmk_zzzz", by="bob")
+    with pytest.raises(LmopsError, match="no API key matches '999'"):
+        store.revoke_api_key("999", by="bob")
+    with pytest.raises(LmopsError, match=r"API key 'lmk_' is ambiguous \(lmk_.*, lmk_.*\); give more characters"):
+        store.revoke_api_key("lmk_", by="bob")
+
+    entries = store.list_audit()
+    assert [(e.action, e.actor, e.subject) for e in entries] == [
+        ("api_key.revoked", "bob", f"api_key:{admin.prefix}"), ("api_key.revoked", "bob", f"api_key:{key.prefix}"),
+        ("api_key.created", "alice", f"api_key:{admin.prefix}"), ("api_key.created", "alice", f"api_key:{key.prefix}"),
+    ]
+    assert entries[-1].details == {"id": key.id, "name": "ci-bot", "role": "inference"}
+    assert not any(s in repr(entries) for s in (secret, admin_secret, secret[12:], admin_secret[12:]))
+    assert store.verify_audit().ok
+
+
+def test_api_key_roles_are_checked_by_the_database(store):
+    with pytest.raises(exc.IntegrityError):
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (name, role, prefix, hash, created_at, created_by) "
+                              "VALUES ('x', 'root', 'lmk_x', 'h', CURRENT_TIMESTAMP, 'me')"))
+
+
+def test_request_log(store):
+    from datetime import UTC, datetime, timedelta
+
+    key, _ = store.create_api_key("ci", "inference", "alice")
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    rows = [{"ts": t0 + timedelta(seconds=i), "request_id": f"r{i}", "key_id": key.id, "model": "lmops-model",
+             "model_version": "3", "endpoint": "/v1/chat/completions", "status_code": 200, "prompt": f"p{i}",
+             "completion": "c", "prompt_tokens": 5, "completion_tokens": 7, "queue_s": 0.01, "ttft_s": 0.05,
+             "latency_s": 0.2, "moderation": {"action": "redact", "hits": {"pii": ["email"]}}} for i in range(5)]
+    rows.append({"request_id": "bad", "endpoint": "/v1/completions", "status_code": 401,
+                 "error": "invalid key", "prompt": "nul\x00byte"})  # ts defaults to now; other columns to NULL
+    assert store.log_requests(rows) == 6
+    assert store.log_requests([]) == 0
+
+    listed = store.list_requests(limit=10)
+    assert [r.request_id for r in listed] == ["bad", "r4", "r3", "r2", "r1", "r0"]  # newest first
+    assert (listed[0].key_id, listed[0].model, listed[0].prompt) == (None, None, "nul\ufffdbyte")
+    assert listed[0].ts > t0 and listed[0].ts.tzinfo is not None
+    r4 = listed[1]
+    assert (r4.ts, r4.key_id, r4.model_version, r4.completion_tokens, r4.ttft_s, r4.moderation) == (
+        t0 + timedelta(seconds=4), key.id, "3", 7, 0.05, {"action": "redact", "hits": {"pii": ["email"]}})
+    assert [r.request_id for r in store.list_requests(limit=2)] == ["bad", "r4"]
+    assert [r.request_id for r in store.list_requests(since=t0 + timedelta(seconds=3))] == ["bad", "r4", "r3"]
+
+    with pytest.raises(ValueError, match="request_log has no column prompt_text"):
+        store.log_requests([{"request_id": "x", "endpoint": "/", "status_code": 200, "prompt_text": "hi"}])
+    with pytest.raises(ValueError, match="request_log row without status_code"):
+        store.log_requests([{"request_id": "x", "endpoint": "/"}])
+    with pytest.raises(exc.IntegrityError):  # one transaction: a row the database refuses takes the batch with it
+        store.log_requests([{"request_id": "ok", "endpoint": "/", "status_code": 200},
+                            {"request_id": "no-such-key", "endpoint": "/", "status_code": 200, "key_id": 999}])
+    assert len(store.list_requests(limit=100)) == 6
