@@ -23,6 +23,8 @@ data_app = typer.Typer(help="DataOps: ingest, clean, deduplicate and scrub corpo
 app.add_typer(data_app, name="data")
 pipeline_app = typer.Typer(help="Run the pipeline (ingest -> validate -> tokenize -> train -> evaluate -> register -> promote) and list its runs.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+keys_app = typer.Typer(help="API keys of the server: created with a role, stored only as hashes, shown once.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="The audit log: every state change, who, when, what and why, hash-chained.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 console = Console(stderr=True)
@@ -477,6 +479,52 @@ def unlock(workspace: WorkspaceOpt = None):
     with store:
         holder = store.break_lock()
         log(f"lock broken (was held by pid {holder.pid} on {holder.host})" if holder else "no lock was held")
+
+
+@keys_app.command("create")
+@friendly
+def keys_create(
+    name: Annotated[str, typer.Argument(help="What the key is for, e.g. 'chat-frontend'.")],
+    role: Annotated[str, typer.Option(help="inference (call the model) < deployer (also metrics, deployments) < admin.")] = "inference",
+    workspace: WorkspaceOpt = None,
+):
+    """Create an API key; the secret is printed once (stdout) and only its hash is kept."""
+    from lmops.store import ROLES, default_actor
+
+    if role not in ROLES:
+        raise LmopsError(f"--role {role!r}: use one of {', '.join(ROLES)}")
+    _, _, store = _store(workspace)
+    with store:
+        key, secret = store.create_api_key(name, role, default_actor())
+    log(f"key {key.prefix} ({key.role}) created for '{name}'; the secret below is shown only now, keep it safe:")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+@friendly
+def keys_list(workspace: WorkspaceOpt = None):
+    """API keys with their role and state (secrets are never shown again)."""
+    from rich.table import Table
+
+    _, _, store = _store(workspace)
+    with store:
+        table = Table("id", "prefix", "name", "role", "created (UTC)", "by", "revoked")
+        for k in store.list_api_keys():
+            table.add_row(str(k.id), k.prefix, k.name, k.role, f"{k.created_at:%Y-%m-%d %H:%M}", k.created_by,
+                          f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+        console.print(table)
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(ref: Annotated[str, typer.Argument(help="Key id or prefix (from `lmops keys list`).")], workspace: WorkspaceOpt = None):
+    """Revoke an API key: the server refuses it within auth.key_cache_ttl_s seconds."""
+    from lmops.store import default_actor
+
+    _, _, store = _store(workspace)
+    with store:
+        key = store.revoke_api_key(ref, by=default_actor())
+    log(f"key {key.prefix} ('{key.name}', {key.role}) revoked")
 
 
 @audit_app.command("list")

@@ -168,3 +168,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workspace, tiny_sets):
                  "--no-progress")
     assert f"resuming main at step {step}" in done.stderr
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 2
+
+
+def test_keys_are_shown_once_and_stored_as_hashes(workspace):
+    w = ["-w", str(workspace.root)]
+    made = lmops("keys", "create", "frontend", "--role", "deployer", *w)
+    secret = made.stdout.strip()
+    assert secret.startswith("lmk_") and len(secret) > 40 and secret not in made.stderr
+    listed = lmops("keys", "list", *w)
+    assert "frontend" in listed.stderr and secret not in listed.stdout + listed.stderr
+    assert secret.encode() not in (workspace.state / "lmops.db").read_bytes()
+    lmops("keys", "revoke", secret[:12], *w)
+    from lmops.store import Store
+
+    with Store.for_workspace(workspace) as store:
+        assert store.verify_api_key(secret) is None
+    bad = lmops("keys", "create", "x", "--role", "root", *w, check=False)
+    assert bad.returncode == 1 and "inference, deployer, admin" in bad.stderr
