@@ -198,6 +198,38 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def forward_rows(self, idx: torch.Tensor, cache, last_only: bool = True) -> torch.Tensor:
+        """Serving forward: row b of idx (B, T) continues its own sequence from position cache.starts[b].
+
+        Rows at different lengths run in one forward (continuous batching, lmops/serve/engine.py): each
+        row is rotated at its own positions and masked to its own keys. `cache` has `starts` (list[int])
+        and `update(layer, k, v)`, which stores each row's new keys and values at its positions and
+        returns the rows' keys and values for positions [0, max(starts) + T). A one-row call takes
+        forward's path (no mask, or a causal one). Returns the logits of the last position (B, V), or of
+        every position (B, T, V) when last_only is False.
+        """
+        B, T = idx.shape
+        starts = cache.starts
+        end = max(starts) + T
+        if end > self.cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
+        if B == 1:
+            start = starts[0]
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+            mask = None
+            if start > 0 and T > 1:
+                mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        else:
+            pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
+            mask = (torch.arange(end, device=idx.device) <= pos[..., None]).unsqueeze(1)  # (B, 1, T, end)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, mask)
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.norm(x))
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices (linears, embeddings); never norms."""
         params = {id(p): p for p in self.parameters()}.values()
