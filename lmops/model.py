@@ -204,18 +204,23 @@ class GPT(nn.Module):
         Rows at different lengths run in one forward (continuous batching, lmops/serve/engine.py): each
         row is rotated at its own positions and masked to its own keys. `cache` has `starts` (list[int])
         and `update(layer, k, v)`, which stores each row's new keys and values at its positions and
-        returns the rows' keys and values for positions [0, max(starts) + T). A one-row call takes
-        forward's path (no mask, or a causal one). Returns the logits of the last position (B, V), or of
-        every position (B, T, V) when last_only is False.
+        returns the rows' keys and values for positions [0, max(starts) + T). Returns the logits of the
+        last position (B, V), or of every position (B, T, V) when last_only is False.
+
+        The same function as forward, written with functional calls on the modules' weights: decoding
+        runs about 15 small ops per layer and on a CPU the Python around each costs as much as the op,
+        so it skips the module calls and folds RoPE into 3 ops (tests/serve checks it against forward).
         """
+        cfg = self.cfg
         B, T = idx.shape
+        H, KV, D, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
         starts = cache.starts
         end = max(starts) + T
-        if end > self.cfg.block_size:
-            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
-        if B == 1:
+        if end > cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {cfg.block_size}")
+        if B == 1:  # forward's masks: none, or causal from start
             start = starts[0]
-            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, D/2)
             mask = None
             if start > 0 and T > 1:
                 mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=start)
@@ -224,11 +229,25 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
             mask = (torch.arange(end, device=idx.device) <= pos[..., None]).unsqueeze(1)  # (B, 1, T, end)
         x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache, mask)
+        # apply_rope as x * [cos, cos] + roll(x, D/2) * [-sin, sin]
+        cos, sin = torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            h = F.rms_norm(x, (d,), block.attn_norm.weight, cfg.norm_eps)
+            qkv = F.linear(h, attn.qkv.weight).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            qk = qkv[:, :H + KV]
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
+            k, v = cache.update(i, qk[:, H:], qkv[:, H + KV:])
+            if KV != H:
+                k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+            y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), attn.proj.weight)
+            h = F.rms_norm(x, (d,), block.mlp_norm.weight, cfg.norm_eps)
+            gate, up = F.linear(h, mlp.gate_up.weight).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, mlp.down.weight)
         if last_only:
             x = x[:, -1]
-        return self.lm_head(self.norm(x))
+        return F.linear(F.rms_norm(x, (d,), self.norm.weight, cfg.norm_eps), self.lm_head.weight)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices (linears, embeddings); never norms."""

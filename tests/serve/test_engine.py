@@ -1,0 +1,331 @@
+"""The inference engine against naive full-recompute generation from the same model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmops.model import GPT, GPTConfig
+from lmops.serve.engine import Engine, EngineStats, EngineStopped, QueueFull, SamplingParams
+
+V = 97
+TOL = 1e-4
+
+
+def tiny(seed: int = 0, **kw) -> GPT:
+    """Unit-scale random weights, so logits spread over several nats and a wrong position shows."""
+    cfg = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, mlp_hidden=64, block_size=48,
+               rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                std = {"embed.weight": 1.0, "lm_head.weight": 2 * p.shape[1] ** -0.5}.get(name, p.shape[1] ** -0.5)
+                p.normal_(0, std)
+    return model
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def naive(model: GPT, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy, recomputing the whole sequence for every token: tokens and their log_softmax rows."""
+    ids, out, rows = list(ids), [], []
+    for _ in range(n):
+        logprobs = F.log_softmax(model(torch.tensor([ids]))[0, -1], dim=-1)
+        out.append(int(logprobs.argmax()))
+        rows.append(logprobs)
+        ids.append(out[-1])
+    return out, rows
+
+
+def check_greedy(model: GPT, handle, events) -> None:
+    ref, rows = naive(model, handle.prompt_ids, len(events))
+    assert [e.token_id for e in events] == ref
+    for e, row in zip(events, rows):
+        assert abs(e.logprob - row[e.token_id].item()) < TOL
+        values, ids = row.topk(3)
+        assert list(e.top_logprobs) == ids.tolist()
+        assert torch.allclose(torch.tensor(list(e.top_logprobs.values())), values, atol=TOL)
+
+
+def test_model_is_meaningful():
+    model = tiny()
+    logits = model(torch.tensor([prompt(10, 0)]))
+    assert logits.std() > 1.0  # token choices are not ties
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(n_kv_head=4, tie_embeddings=True)], ids=["gqa", "mha-tied"])
+def test_greedy_alone_equals_naive_recompute(arch):
+    model = tiny(**arch)
+    engine = Engine(model).start()
+    h = engine.submit(prompt(7, 1), SamplingParams(max_tokens=20, temperature=0, logprobs=3))
+    events = list(h)
+    engine.stop(1)
+    assert len(events) == 20 and h.finish_reason == "length"
+    check_greedy(model, h, events)
+    assert h.prompt_tokens == 7 and h.completion_tokens == 20
+    assert h.queued_at <= h.started_at <= h.first_token_at <= h.finished_at
+
+
+def test_mixed_batch_joining_mid_decode_equals_naive():
+    """Different prompt lengths joining at different steps, one prompt prefilled in chunks, rows leaving."""
+    model = tiny()
+    engine = Engine(model, max_batch=4, prefill_chunk=8)
+    greedy = dict(temperature=0, logprobs=3)
+    a = engine.submit(prompt(5, 1), SamplingParams(max_tokens=30, **greedy))
+    for _ in range(4):
+        engine.step()
+    b = engine.submit(prompt(19, 2), SamplingParams(max_tokens=12, **greedy))  # 3 chunks of prefill
+    c = engine.submit(prompt(2, 3), SamplingParams(max_tokens=25, **greedy))
+    engine.step()
+    assert engine.stats().running == 2  # a decoding, b prefilling
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().running == 3
+    for _ in range(6):
+        engine.step()
+    d = engine.submit(prompt(11, 4), SamplingParams(max_tokens=40, **greedy))  # reaches block_size 48
+    while engine.stats().running or engine.stats().waiting:
+        engine.step()
+    for h in (a, b, c, d):
+        events = list(h)
+        check_greedy(model, h, events)
+    assert [h.completion_tokens for h in (a, b, c, d)] == [30, 12, 25, 48 - 11]
+    assert d.finish_reason == "length"
+
+
+def test_greedy_in_threaded_batch_equals_naive():
+    model = tiny()
+    engine = Engine(model, max_batch=3).start()
+    handles = []
+    for i, n in enumerate([3, 9, 1, 14, 6]):
+        handles.append(engine.submit(prompt(n, 10 + i), SamplingParams(max_tokens=15 + i, temperature=0, logprobs=3)))
+    for h in handles:
+        check_greedy(model, h, list(h))
+    engine.stop(1)
+
+
+def sampled(engine: Engine, ids: list[int], seed: int) -> list[int]:
+    return [e.token_id for e in engine.submit(ids, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95,
+                                                                 seed=seed))]
+
+
+def test_seed_gives_same_tokens_alone_and_in_a_busy_batch():
+    model = tiny()
+    engine = Engine(model, max_batch=4).start()
+    ids = prompt(6, 5)
+    alone = sampled(engine, ids, seed=42)
+    others = [engine.submit(prompt(3 + i, 20 + i), SamplingParams(max_tokens=40, temperature=1.0, seed=i))
+              for i in range(3)]
+    next(iter(others[0]))  # the others are decoding when ours joins
+    busy = sampled(engine, ids, seed=42)
+    for h in others:
+        list(h)
+    other_seed = sampled(engine, ids, seed=43)
+    engine.stop(1)
+    assert alone == busy
+    assert alone != other_seed
+
+
+def test_top_k_1_is_greedy():
+    model = tiny()
+    engine = Engine(model).start()
+    ids = prompt(4, 7)
+    greedy = [e.token_id for e in engine.submit(ids, SamplingParams(max_tokens=15, temperature=0))]
+    top1 = [e.token_id for e in engine.submit(ids, SamplingParams(max_tokens=15, temperature=1.5, top_k=1, seed=3))]
+    engine.stop(1)
+    assert top1 == greedy
+
+
+def test_sampled_logprobs_are_the_models():
+    model = tiny()
+    engine = Engine(model).start()
+    h = engine.submit(prompt(4, 8), SamplingParams(max_tokens=10, temperature=1.0, seed=1, logprobs=0))
+    events = list(h)
+    engine.stop(1)
+    ids = h.prompt_ids + [e.token_id for e in events]
+    with torch.no_grad():
+        ref = F.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
+    for i, e in enumerate(events):
+        assert e.top_logprobs is None
+        assert abs(e.logprob - ref[len(h.prompt_ids) - 1 + i, e.token_id].item()) < TOL
+
+
+def test_stop_token_and_max_tokens():
+    model = tiny()
+    engine = Engine(model).start()
+    ids = prompt(5, 9)
+    ref, _ = naive(model, ids, 6)
+    stop = ref[3]
+    expected = ref[:ref.index(stop)]
+    h = engine.submit(ids, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop]))
+    assert [e.token_id for e in h] == expected and h.finish_reason == "stop"
+    h = engine.submit(ids, SamplingParams(max_tokens=4, temperature=0))
+    assert [e.token_id for e in h] == ref[:4] and h.finish_reason == "length"
+    h = engine.submit(ids, SamplingParams(max_tokens=0))
+    assert list(h) == [] and h.finish_reason == "length" and h.completion_tokens == 0
+    engine.stop(1)
+
+
+def test_prompt_at_block_size_finishes_with_length_and_too_long_is_refused():
+    model = tiny()
+    engine = Engine(model).start()
+    h = engine.submit(prompt(48, 1), SamplingParams(max_tokens=5))
+    assert list(h) == [] and h.finish_reason == "length"
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(prompt(49, 1))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([V])
+    engine.stop(1)
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request():
+    engine = Engine(tiny(), max_batch=1)
+    long = engine.submit(prompt(3, 1), SamplingParams(max_tokens=40, temperature=0))
+    waiting = engine.submit(prompt(3, 2), SamplingParams(max_tokens=3, temperature=0))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().running == 1 and engine.stats().waiting == 1
+    long.cancel()
+    engine.step()
+    assert long.finish_reason == "cancelled" and long.completion_tokens == 4  # prefill + 3 decode steps
+    assert engine.stats().running == 1 and engine.stats().waiting == 0
+    while not waiting.done:
+        engine.step()
+    assert waiting.finish_reason == "length" and len(list(waiting)) == 3
+    gone = engine.submit(prompt(3, 3))
+    gone.cancel()  # a waiting request is cancelled at once
+    assert gone.finish_reason == "cancelled" and engine.stats().waiting == 0
+
+
+def test_queue_full():
+    engine = Engine(tiny(), max_batch=2, max_waiting=2)
+    for ids in ([1, 2], [3], [4], [5]):  # two take the free rows at the next step, two wait
+        engine.submit(ids)
+    with pytest.raises(QueueFull):
+        engine.submit([6])
+    engine.step()
+    assert engine.stats() == EngineStats(running=2, waiting=2)
+    with pytest.raises(QueueFull):
+        engine.submit([6])
+
+
+def test_score_matches_log_softmax_while_decoding():
+    model = tiny()
+    engine = Engine(model).start()
+    busy = engine.submit(prompt(3, 1), SamplingParams(max_tokens=40, temperature=0))
+    ids = prompt(20, 2)
+    scored = engine.score(ids, top_n=2)
+    engine.stop(5)
+    assert busy.finish_reason == "length"
+    with torch.no_grad():
+        ref = F.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
+    assert scored[0] == (None, None) and len(scored) == 20
+    for t in range(1, 20):
+        logprob, top = scored[t]
+        assert abs(logprob - ref[t - 1, ids[t]].item()) < TOL
+        assert list(top) == ref[t - 1].topk(2).indices.tolist()
+
+
+def test_stop_drains_then_cancels():
+    engine = Engine(tiny(), max_batch=2).start()
+    handles = [engine.submit(prompt(4, i), SamplingParams(max_tokens=20, temperature=0)) for i in range(3)]
+    engine.stop(drain_timeout=30)
+    assert [h.finish_reason for h in handles] == ["length"] * 3  # the waiting one was accepted: it ran too
+    with pytest.raises(EngineStopped):
+        engine.submit([1])
+
+    engine = Engine(tiny(block_size=2048), max_batch=1).start()
+    handles = [engine.submit(prompt(4, i), SamplingParams(max_tokens=2000, temperature=0)) for i in range(2)]
+    engine.stop(drain_timeout=0.05)
+    assert [h.finish_reason for h in handles] == ["cancelled"] * 2
+
+
+def test_async_streaming_and_task_cancellation():
+    model = tiny(block_size=1024)
+    engine = Engine(model).start()
+
+    async def main():
+        h = engine.submit(prompt(5, 1), SamplingParams(max_tokens=10, temperature=0, logprobs=3))
+        events = [e async for e in h]
+        check_greedy(model, h, events)
+        slow = engine.submit(prompt(5, 2), SamplingParams(max_tokens=1000, temperature=0))
+
+        async def read():  # waits in the handle for each token, where the cancellation lands
+            async for _ in slow:
+                pass
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the client disconnected
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(slow.wait, 5)
+        return slow
+
+    slow = asyncio.run(main())
+    engine.stop(1)
+    assert slow.finish_reason == "cancelled" and slow.completion_tokens < 1000
+
+
+def test_swap_model_new_requests_use_it_in_flight_finish_on_old():
+    old, new = tiny(seed=0), tiny(seed=1, block_size=32)
+    engine = Engine(old, max_batch=2)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    a = engine.submit(prompt(4, 1), params)
+    engine.step()
+    engine.swap_model(new)
+    b = engine.submit(prompt(4, 2), params)
+    engine.step()
+    assert engine.stats().running == 1 and engine.stats().waiting == 1  # b waits for a to finish
+    while not b.done:
+        engine.step()
+    assert engine.model is new
+    check_greedy(old, a, list(a))
+    check_greedy(new, b, list(b))
+
+
+def test_concurrent_submitters():
+    model = tiny()
+    engine = Engine(model, max_batch=4).start()
+    results: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        h = engine.submit(prompt(2 + i, 30 + i), SamplingParams(max_tokens=10, temperature=0))
+        results[i] = [e.token_id for e in h]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.stop(1)
+    for i in range(6):
+        assert results[i] == naive(model, prompt(2 + i, 30 + i), 10)[0]
+
+
+def test_a_failing_forward_finishes_with_error_and_the_engine_goes_on(monkeypatch):
+    model = tiny()
+    engine = Engine(model).start()
+    real = model.forward_rows
+
+    def broken(idx, cache, last_only=True):
+        monkeypatch.setattr(model, "forward_rows", real)  # fail once
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "forward_rows", broken)
+    failed = engine.submit(prompt(4, 1), SamplingParams(max_tokens=5, temperature=0))
+    assert list(failed) == [] and failed.finish_reason == "error" and "out of memory" in failed.error
+    ok = engine.submit(prompt(4, 1), SamplingParams(max_tokens=5, temperature=0))
+    assert [e.token_id for e in ok] == naive(model, prompt(4, 1), 5)[0]
+    engine.stop(1)
