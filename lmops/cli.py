@@ -560,6 +560,26 @@ def audit_verify(workspace: WorkspaceOpt = None):
     log(f"audit log intact: {result.entries} entries, hash chain verified")
 
 
+@app.command()
+@friendly
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME@alias (reloads when the alias moves), NAME@version, a version, a run or checkpoint folder, or a Hugging Face Llama folder.")] = "@champion",
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on; default serve.host.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port; default serve.port.")] = None,
+):
+    """Serve a model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models).
+
+    Bearer API keys (`lmops keys create`), per-key rate limits, moderation, Prometheus /metrics,
+    a request log in the workspace store. Stop with Ctrl-C: in-flight streams finish first.
+    """
+    from lmops.serve.app import serve as run_server
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    run_server(ws, cfg, model, host or cfg.serve.host, port or cfg.serve.port)
+
+
 QUICKSTART = [
     "tokenizer.vocab_size=2048",  # the demo corpus is ~465 KB: a small vocabulary leaves fewer rows untrained
     "train.eval_interval=100", "train.checkpoint_interval=100",
