@@ -9,8 +9,9 @@ run in the workspace shows them. Any MLflow URI works instead (an MLflow server,
 ML workspace); the registry (lmops/registry.py) uses the same URI, so a registered model version
 always points at a run this store knows.
 
-Metrics are buffered and sent with one `log_batch` call every FLUSH_ROWS rows or FLUSH_SECONDS: a
-request per step would slow a small model's training, which takes milliseconds a step.
+Metrics are buffered and sent by a background thread with one `log_batch` call every FLUSH_ROWS rows
+or FLUSH_SECONDS: a request per step, or a synchronous one every few, would slow a small model's
+training, which takes milliseconds a step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,42 +143,71 @@ def flatten_config(cfg: Config) -> dict[str, str]:
 
 @dataclass
 class TrainingRun:
-    """An MLflow run being trained: pass `log_row` as `on_metrics` to lmops.train.train."""
+    """An MLflow run being trained: pass `log_row` as `on_metrics` to lmops.train.train.
+
+    log_row only appends to a buffer; a background thread sends it, so a slow tracking store (SQLite
+    commits, a remote server) never stalls a training step. close() sends what is left.
+    """
 
     run_id: str
     client: MlflowClient | None  # None on the other processes of a torchrun: only rank 0 tracks
     log: Callable[[str], None] = print
     pending: list[Metric] = field(default_factory=list)
-    rows: int = 0
-    last_flush: float = field(default_factory=time.monotonic)
     warned: bool = False
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        if self.client is not None:
+            self._sender.start()
 
     def log_row(self, row: dict) -> None:
         """One training step's row: every number but step and time becomes a metric at that step."""
         step, ts = int(row["step"]), int(time.time() * 1000)
-        for key, value in row.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.pending.append(Metric(key, float(value), ts, step))
-        self.rows += 1
-        if self.rows >= FLUSH_ROWS or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
-            self.flush()
+        metrics = [Metric(key, float(value), ts, step) for key, value in row.items()
+                   if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if self.client is None:
+            return
+        with self._lock:
+            self.pending.extend(metrics)
+            if len(self.pending) >= FLUSH_ROWS * len(metrics):
+                self._wake.set()
 
-    def flush(self) -> None:
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            self._send()
+            if self._closed:
+                return
+
+    def _send(self) -> None:
         """Send the buffered metrics. A failure (server down) keeps them for the next try rather than
         stopping the training; the rows are in metrics.jsonl anyway."""
-        self.rows, self.last_flush = 0, time.monotonic()
-        if self.client is None:
-            self.pending.clear()
-            return
+        with self._lock:
+            batch, self.pending = self.pending, []
         try:
-            while self.pending:
-                self.client.log_batch(self.run_id, metrics=self.pending[:1000])  # MLflow's batch limit
-                del self.pending[:1000]
+            for i in range(0, len(batch), 1000):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
         except MlflowException as err:
+            with self._lock:
+                self.pending = batch[i:] + self.pending
             if not self.warned:
                 self.log(f"warning: MLflow logging failed ({_first_line(err)}); retrying later (metrics.jsonl has "
                          "every row)")
                 self.warned = True
+
+    def close(self) -> None:
+        """Send everything still buffered and stop the sender."""
+        if self.client is None or self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._sender.join()
+        if self.pending:
+            self._send()
 
     def log_checkpoint(self, ckpt_path: Path) -> str:
         return log_checkpoint(self.run_id, ckpt_path, self.client) if self.client is not None else ""
@@ -227,7 +258,7 @@ def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, token
         yield tracked
         status = RunStatus.to_string(RunStatus.FINISHED)
     finally:
-        tracked.flush()
+        tracked.close()
         try:
             c.set_terminated(run_id, status)
         except MlflowException as err:

@@ -75,24 +75,25 @@ class FakeClient:
         self.calls.append(list(metrics))
 
 
-def test_metrics_are_sent_in_batches():
+def test_metrics_are_sent_in_batches_off_the_training_thread():
     client = FakeClient()
     run = tracking.TrainingRun("r", client)
     for step in range(1, 121):
         run.log_row({"step": step, "loss": 1.0, "lr": 0.1, "tokens_per_s": 5.0, "time": 0.1})
-    assert len(client.calls) == 2 and len(client.calls[0]) == 50 * 3  # 50 rows of loss, lr, tokens_per_s
-    run.flush()
-    assert [m.step for m in client.calls[2]][:3] == [101, 101, 101] and len(client.calls[2]) == 20 * 3
+    run.close()
+    sent = [m for call in client.calls for m in call]
+    assert len(sent) == 120 * 3 and [m.step for m in sent[::3]] == list(range(1, 121))  # all, in order
+    assert 1 <= len(client.calls) <= 4, "batched, not a request per step"
 
 
-def test_a_failed_flush_keeps_the_metrics_for_the_next(capsys):
+def test_a_failed_send_keeps_the_metrics_for_the_next(capsys):
     client = FakeClient(fail_first=True)
     said = []
     run = tracking.TrainingRun("r", client, log=said.append)
     run.log_row({"step": 1, "loss": 2.0})
-    run.flush()
+    run._send()  # what the sender thread does every FLUSH_SECONDS, called here to control the timing
     assert client.calls == [] and len(run.pending) == 1 and "server down" in said[0]
-    run.flush()
+    run.close()
     assert [(m.key, m.value, m.step) for m in client.calls[0]] == [("loss", 2.0, 1)]
 
 
