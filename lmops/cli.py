@@ -621,6 +621,7 @@ next, in {ws.root}:
   lmops lineage @champion                         corpus -> dataset -> run -> model version -> alias
   lmops audit verify                              the hash-chained audit log
   lmops pipeline run                              again: every step cached
+  lmops keys create me && lmops serve             the champion behind an OpenAI-compatible API on :8000
   mlflow ui --backend-store-uri sqlite:///.lmops/mlflow.db   runs, metrics, registry""")
 
 
