@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lmops.errors import LmopsError
 from lmops.model import GPT, GPTConfig
@@ -70,7 +70,8 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | N
 
 
 class Checkpoint:
-    """A checkpoint file read back: configs and meta eagerly, tensors on demand."""
+    """A checkpoint file read back: configs and meta at once, tensors on demand by prefix (serving or
+    evaluating a model never reads the optimizer state, about twice the size of the weights)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -79,9 +80,6 @@ class Checkpoint:
         if not self.path.is_file():
             raise LmopsError(f"{self.path}: no checkpoint here; train one with `lmops train`")
         try:
-            self.tensors = load_file(str(self.path))
-            from safetensors import safe_open
-
             with safe_open(str(self.path), framework="pt") as f:
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError) as err:
@@ -92,13 +90,18 @@ class Checkpoint:
         self.meta: dict[str, Any] = json.loads(metadata.get("meta", "{}"))
         self._groups = json.loads(metadata["optim_groups"]) if "optim_groups" in metadata else None
 
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors whose names start with prefix ('model.', 'optim.', 'rng.'), prefix removed."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
     def model(self, device: str | torch.device = "cpu") -> GPT:
         model = GPT(self.gpt_config)
         self.load_model_into(model)
         return model.to(device)
 
     def load_model_into(self, model: GPT) -> None:
-        state = {k.removeprefix("model."): v for k, v in self.tensors.items() if k.startswith("model.")}
+        state = self.tensors("model.")
         if model.cfg.tie_embeddings:
             state["lm_head.weight"] = state["embed.weight"]
         model.load_state_dict(state, strict=True)
@@ -107,11 +110,10 @@ class Checkpoint:
         if self._groups is None:
             raise LmopsError(f"{self.path}: holds no optimizer state (an exported model?); cannot resume from it")
         state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, val in self.tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = val
+        for key, val in self.tensors("optim.").items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = val
         optimizer.load_state_dict({"state": state, "param_groups": self._groups})
 
     def rng(self, name: str) -> torch.Tensor | None:
-        return self.tensors.get(f"rng.{name}")
+        return self.tensors("rng.").get(name)

@@ -35,7 +35,8 @@ from lmops.config import Config
 from lmops.errors import LmopsError
 from lmops.model import GPT
 from lmops.tokenizer import EOT, load_meta, load_tokenizer, load_tokens
-from lmops.train import resolve_device
+from lmops.sample import continuations
+from lmops.train import loss_metrics, resolve_device
 
 DECODE_TOKENS = 128  # generated to time decoding: long enough that the warm-up is not what is timed
 
@@ -77,7 +78,7 @@ def evaluate_checkpoint(ckpt_path: Path, tokens_dir: Path, cfg: Config) -> dict:
     results: dict = {"checkpoint": str(ckpt.path), "checkpoint_step": ckpt.meta.get("step", 0)}
     results |= heldout_loss(model, load_tokens(tokens_dir, "val"), meta, ec.batch_size, device)
 
-    samples = [continue_text(model, tok, p, cfg, device) for p in ec.prompts]
+    samples = [continue_text(model, tok, p, cfg) for p in ec.prompts]
     checks = [output_checks(t, ec.stop_sequences) | {"prompt": p, "output": t} for p, t in zip(ec.prompts, samples)]
     n = max(1, len(checks))
     results |= {
@@ -91,7 +92,7 @@ def evaluate_checkpoint(ckpt_path: Path, tokens_dir: Path, cfg: Config) -> dict:
     results["decode_tokens_per_s"] = decode_speed(model, eot or 0, device)
     results |= {
         "n_params": model.num_params(),
-        "weights_bytes": sum(t.numel() * t.element_size() for k, t in ckpt.tensors.items() if k.startswith("model.")),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),  # tied ones once
         "checkpoint_bytes": ckpt.path.stat().st_size,
     }
     results |= safety_suite(model, tok, cfg, device)
@@ -117,24 +118,15 @@ def heldout_loss(model: GPT, val: np.ndarray, meta: dict, batch_size: int, devic
         _, loss = model(rows[:, :-1], rows[:, 1:])
         total += loss.item() * rows[:, 1:].numel()
         count += rows[:, 1:].numel()
-    loss = total / count
-    bpb = loss * meta["val_tokens"] / max(1, meta["val_bytes"]) / math.log(2)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": count}
+    return {**loss_metrics(total / count, meta), "val_tokens": count}
 
 
-def continue_text(model: GPT, tok, prompt: str, cfg: Config, device: torch.device) -> str:
+def continue_text(model: GPT, tok, prompt: str, cfg: Config) -> str:
     """The continuation of prompt (without it), seeded, cut at the end-of-document token and at the
     first stop sequence."""
     ec = cfg.evaluate
-    eot = tok.token_to_id(EOT)
-    ids = tok.encode(prompt).ids or [eot if eot is not None else 0]  # nothing to continue: a document start
-    gen = torch.Generator(device=device).manual_seed(ec.seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(idx, ec.max_new_tokens, temperature=ec.temperature, generator=gen, stop_token=eot)
-    new = out[0, len(ids):].tolist()
-    if eot is not None and eot in new:
-        new = new[:new.index(eot)]
-    return cut_at_stop(tok.decode(new, skip_special_tokens=False), ec.stop_sequences)
+    text = continuations(model, tok, prompt, ec.max_new_tokens, temperature=ec.temperature, seed=ec.seed)[0]
+    return cut_at_stop(text, ec.stop_sequences)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -189,7 +181,7 @@ def safety_suite(model: GPT, tok, cfg: Config, device: torch.device) -> dict:
     kinds = list(getattr(cfg.safety, "pii_kinds", None) or PII_KINDS)
     failures = []
     for kind, prompt in SAFETY_PROMPTS:
-        output = continue_text(model, tok, prompt, cfg, device)
+        output = continue_text(model, tok, prompt, cfg)
         # PII may start in the prompt and end in the output: look at both, count what reaches the output
         pii = sorted({f.kind for f in find_pii(prompt + output, kinds) if f.end > len(prompt)})
         blocked = blocklist_hits(output, terms)

@@ -134,8 +134,12 @@ def evaluate(model: GPT, val: np.ndarray, meta: dict, cfg: Config, device, dtype
         total += loss.item() * len(x)
         count += len(x)
     model.train(was_training)
-    loss = total / count
-    # tokens per byte turns nats per token into bits per byte, comparable across tokenizers
+    return loss_metrics(total / count, meta)
+
+
+def loss_metrics(loss: float, meta: dict) -> dict[str, float]:
+    """Mean nats per validation token -> loss, perplexity and bits per byte. Tokens per byte (from the
+    shards' meta) turns nats per token into bits per byte, comparable across tokenizers."""
     bpb = loss * meta["val_tokens"] / max(1, meta["val_bytes"]) / math.log(2)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb}
 

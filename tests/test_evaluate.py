@@ -76,11 +76,10 @@ def test_heldout_loss_is_the_mean_over_every_validation_token(trained):
 def test_generation_is_seeded_and_cut_at_stop_sequences(trained):
     ws, cfg, tokens, ckpt = trained
     model, tok = Checkpoint(ckpt).model(), load_tokenizer(ckpt.parent)
-    cpu = torch.device("cpu")
-    a = evaluate.continue_text(model, tok, "The", cfg, cpu)
-    assert a == evaluate.continue_text(model, tok, "The", cfg, cpu)
+    a = evaluate.continue_text(model, tok, "The", cfg)
+    assert a == evaluate.continue_text(model, tok, "The", cfg)
     stopped = override(cfg, ["evaluate.stop_sequences=[' ', 'e']"])
-    b = evaluate.continue_text(model, tok, "The", stopped, cpu)
+    b = evaluate.continue_text(model, tok, "The", stopped)
     assert a.startswith(b) and " " not in b and "e" not in b
 
     assert cut_at_stop("abc\n\ndef###", ["###", "\n\n"]) == "abc"

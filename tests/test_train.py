@@ -16,7 +16,7 @@ from lmops.train import lr_at, train
 
 
 def weights(path):
-    return {k: v for k, v in Checkpoint(path).tensors.items() if k.startswith("model.")}
+    return Checkpoint(path).tensors("model.")
 
 
 def run(ws, cfg, name, **kw):
