@@ -247,7 +247,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
     if tokenizer_dir is not None and ddp.main and not resume:
         for f in Path(tokenizer_dir).glob("*.json"):
             shutil.copy2(f, run_dir / f.name)
-    metrics_file = run_dir / "metrics.jsonl"
+    # kept open for the run (line-buffered: a crash keeps every finished row), not reopened per step
+    metrics_out = open(run_dir / "metrics.jsonl", "a", encoding="utf-8", buffering=1) if ddp.main else None
     last_step = min(tc.max_steps, stop_at) if stop_at else tc.max_steps
     tokens_per_step = tc.batch_size * tc.grad_accum * ddp.world * block
     metrics: dict[str, float] = {}
@@ -266,8 +267,7 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
 
     def record(row: dict) -> None:
         if ddp.main:
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            metrics_out.write(json.dumps(row) + "\n")
             if on_metrics is not None:
                 on_metrics(row)
 
@@ -332,6 +332,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         checkpoint(step)
         raise LmopsError(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with `lmops train --resume`") from None
     finally:
+        if metrics_out is not None:
+            metrics_out.close()
         if ddp.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return TrainResult(ckpt_path, step, metrics)
