@@ -427,22 +427,30 @@ class Choice:
         offsets: list[int] = []
         last = None
         try:
-            async for ev in self.handle:
+            async for batch in self.handle.batches():  # the tokens that arrived since the last look
                 now = time.perf_counter()
-                if last is not None:
-                    self.gaps.append(now - last)
+                # tokens that arrive together share the wait since the last ones evenly (the first
+                # token has no gap before it)
+                if last is None:
+                    self.gaps.extend([0.0] * (len(batch) - 1))
+                else:
+                    self.gaps.extend([(now - last) / len(batch)] * len(batch))
                 last = now
-                self.tokens += 1
-                events.append(ev)
-                offsets.append(len(self.raw))
-                start = max(0, len(self.raw) - longest + 1)
-                self.raw += self.detok.add(ev.token_id)
-                if self._cut_at_stop(start):
+                stopped = False
+                for ev in batch:  # token by token up to a stop sequence: what follows it is dropped
+                    self.tokens += 1
+                    events.append(ev)
+                    offsets.append(len(self.raw))
+                    start = max(0, len(self.raw) - longest + 1)
+                    self.raw += self.detok.add(ev.token_id)
+                    if stopped := self._cut_at_stop(start):
+                        break
+                if stopped:
                     break
                 text = self._release(final=False)
                 if self.finish_reason == "content_filter":
                     break
-                if text or ev.logprob is not None:
+                if text or events[-1].logprob is not None:
                     yield Piece(text, events, offsets)
                     events, offsets = [], []
             else:
@@ -492,11 +500,9 @@ class _Done:
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens = prompt_tokens
 
-    def __aiter__(self) -> _Done:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        raise StopAsyncIteration
+    async def batches(self) -> AsyncIterator[list[TokenEvent]]:
+        return
+        yield
 
     def cancel(self) -> None:
         pass

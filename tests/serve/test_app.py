@@ -225,6 +225,35 @@ def test_detokenizer_never_splits_a_character():
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_a_late_batch_of_tokens_is_sent_as_one_piece_and_cut_at_a_stop_sequence():
+    from lmops.serve.app import Choice
+    from lmops.serve.engine import TokenEvent
+
+    tok = train_tokenizer(["hello world, " * 20], "bpe", vocab_size=280, min_frequency=2)
+    ids = tok.encode("hello world, hello world, hello").ids
+
+    class Late:  # a handle whose reader fell behind: every token is already there, and then the end
+        finish_reason, cancelled = "length", False
+
+        async def batches(self):
+            yield [TokenEvent(i) for i in ids]
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def run(stops):
+        choice = Choice(Late(), Detokenizer(tok), stops, moderate=None, holdback=0)
+        return choice, [p async for p in choice.pieces()]
+
+    choice, pieces = asyncio.run(run([]))
+    assert [p.text for p in pieces if p.text] == ["hello world, hello world, hello"]  # one piece, not one per token
+    assert choice.tokens == len(ids) and choice.finish_reason == "length"
+    choice, pieces = asyncio.run(run(["d, h"]))
+    assert "".join(p.text for p in pieces) == "hello worl" and choice.finish_reason == "stop"
+    through = next(n for n in range(1, len(ids) + 1) if "d, h" in tok.decode(ids[:n]))
+    assert choice.tokens == through and choice.handle.cancelled  # tokens after the stop are dropped
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_bad_requests_get_openai_errors(main, env):

@@ -278,6 +278,37 @@ def test_async_streaming_and_task_cancellation():
     assert slow.finish_reason == "cancelled" and slow.completion_tokens < 1000
 
 
+def test_a_step_wakes_each_event_loop_once_and_a_late_reader_catches_up_in_one_batch():
+    model = tiny()
+    engine = Engine(model, max_batch=4)  # driven by step() from a worker thread, as the engine thread does
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            nonlocal wakeups
+            wakeups += callback.__module__ == "lmops.serve.engine"  # not asyncio.to_thread's own
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        handles = [engine.submit(prompt(3 + i, i), SamplingParams(max_tokens=6, temperature=0, logprobs=3))
+                   for i in range(4)]
+        steps = 0
+        while not all(h.done for h in handles):
+            await asyncio.to_thread(engine.step)
+            steps += 1
+        await asyncio.sleep(0)  # let the last delivery run
+        assert wakeups == steps  # one call per step for all four streams, not one per token
+        for h in handles:  # nobody read while they ran: each stream is there whole, in one batch
+            batches = [b async for b in h.batches()]
+            assert len(batches) == 1
+            check_greedy(model, h, batches[0])
+
+    asyncio.run(main())
+
+
 def test_swap_model_new_requests_use_it_in_flight_finish_on_old():
     old, new = tiny(seed=0), tiny(seed=1, block_size=32)
     engine = Engine(old, max_batch=2)
