@@ -501,8 +501,9 @@ class _Done:
         self.prompt_tokens = prompt_tokens
 
     async def batches(self) -> AsyncIterator[list[TokenEvent]]:
-        return
-        yield
+        """An empty stream (RequestHandle.batches' shape)."""
+        for _ in ():
+            yield []
 
     def cancel(self) -> None:
         pass
