@@ -4,13 +4,14 @@
 
 1. One stream: a random 4 layers x 256 model (vocab 4096, context 512) is exported with
    `lmops.hf.export_hf` and loaded back with `transformers.LlamaForCausalLM.from_pretrained` (float32).
-   Both continue the same 32-token prompt greedily by the same number of new tokens: our engine
-   (submit, read the stream to its end) and `generate` with its KV cache. Tokens/s = new tokens / wall
-   time of the whole request (prefill included: 32 tokens, a few milliseconds). After a warm-up, the
-   two alternate for --rounds rounds (this machine's speed drifts) and medians are compared. The
-   engine's tokens must equal generate's (same function, both greedy).
+   All continue the same 32-token prompt greedily by the same number of new tokens: our engine with
+   its default runtime (onnxruntime), the engine with runtime="torch" (eager PyTorch), and `generate`
+   with its KV cache. Tokens/s = new tokens / wall time of the whole request (prefill included: 32
+   tokens, a few milliseconds). After a warm-up, the three alternate for --rounds rounds (this
+   machine's speed drifts) and medians are compared. The engine's tokens must equal generate's (same
+   function, both greedy).
 2. Batching: 8 concurrent requests (different prompt lengths), aggregate tokens/s of the engine with
-   max_batch=8 against max_batch=1 (batching off: one sequence at a time).
+   max_batch=8 against max_batch=1 (batching off: one sequence at a time), default runtime.
 """
 
 from __future__ import annotations
@@ -86,24 +87,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = LlamaForCausalLM.from_pretrained(export_hf(m, Path(tmp) / "hf"), dtype=torch.float32).eval()
     engine = Engine(m, max_batch=8).start()
+    eager = Engine(model(), max_batch=8, runtime="torch").start()
+    sides = {f"lmops engine ({engine.runtime})": lambda: engine_stream(engine, prompt, n),
+             "lmops engine (torch)": lambda: engine_stream(eager, prompt, n),
+             "transformers generate": lambda: hf_stream(hf, prompt, n)}
 
-    _, ours = engine_stream(engine, prompt, n)  # warm-up, and the same tokens on both sides
-    _, theirs = hf_stream(hf, prompt, n)
-    same = sum(a == b for a, b in zip(ours, theirs))
-    ours_s, theirs_s = [], []
+    tokens = {name: run()[1] for name, run in sides.items()}  # warm-up, and the same tokens on every side
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
-        ours_s.append(engine_stream(engine, prompt, n)[0])
-        theirs_s.append(hf_stream(hf, prompt, n)[0])
+        for name, run in sides.items():
+            times[name].append(run()[0])
     engine.stop(0)
+    eager.stop(0)
 
-    o, t = n / statistics.median(ours_s), n / statistics.median(theirs_s)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"model {CFG.n_layer}x{CFG.d_model}, vocab {CFG.vocab_size}, {m.num_params() / 1e6:.1f}M parameters, fp32")
+    import onnxruntime
+
+    speed = {name: n / statistics.median(t) for name, t in times.items()}
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, model {CFG.n_layer}x{CFG.d_model}, vocab {CFG.vocab_size}, "
+          f"{m.num_params() / 1e6:.1f}M parameters, fp32")
     print(f"one stream, prompt {len(prompt)} + {n} new tokens, greedy, median of {args.rounds}:")
-    print(f"  {'':28s}{'tokens/s':>10s}   each round")
-    print(f"  {'lmops engine':28s}{o:10.0f}   " + " ".join(f"{n / s:.0f}" for s in ours_s))
-    print(f"  {'transformers generate':28s}{t:10.0f}   " + " ".join(f"{n / s:.0f}" for s in theirs_s))
-    print(f"  ratio {o / t:.2f}x (target >= 3x); tokens equal: {same}/{n}")
+    print(f"  {'':28s}{'tokens/s':>10s}{'vs generate':>13s}  tokens = generate's   each round")
+    theirs = tokens["transformers generate"]
+    for name, t in times.items():
+        same = sum(a == b for a, b in zip(tokens[name], theirs))
+        print(f"  {name:28s}{speed[name]:10.0f}{speed[name] / speed['transformers generate']:12.2f}x  {same:>8d}/{n}"
+              f"           " + " ".join(f"{n / s:.0f}" for s in t))
+    print("  target: lmops engine >= 3x transformers generate")
 
     prompts = [torch.randint(0, CFG.vocab_size, (8 + 24 * i,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(8)]

@@ -335,6 +335,13 @@ class ServeConfig(Section):
         description="Requests queued for a free batch slot before new ones get 429: four batches' worth, "
         "so a burst is absorbed yet a request never waits behind minutes of work.",
     )
+    runtime: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="What runs the model's forward while decoding. onnxruntime runs each layer as a few "
+        "fused C++ kernels and decodes 3-4x faster than eager PyTorch on a CPU, same tokens "
+        "(benchmarks/README.md); auto takes it when the model suits it (float32 on the CPU, head_dim a "
+        "multiple of 16) and PyTorch otherwise (a GPU, bf16 weights), saying why in the log.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1024,
         description="Largest request body (413 above it): 1 MB holds any prompt within max_prompt_tokens "

@@ -634,9 +634,16 @@ class Server:
             self.load_error = str(err)
             log.error("could not load %s: %s", self.source.ref, err)
             return
-        self.engine = Engine(served.model, max_batch=self.sc.max_batch, max_waiting=self.sc.max_waiting).start()
+        try:  # building the runtime's session takes a moment: off the event loop
+            engine = await asyncio.to_thread(Engine, served.model, max_batch=self.sc.max_batch,
+                                             max_waiting=self.sc.max_waiting, runtime=self.sc.runtime)
+        except ValueError as err:  # serve.runtime onnxruntime for a model it cannot run
+            self.load_error = str(err)
+            log.error("could not serve %s: %s", self.source.ref, err)
+            return
+        self.engine = engine.start()
         self.served = served
-        log.info("serving %s v%s from %s", served.name, served.version, self.source.ref)
+        log.info("serving %s v%s from %s on %s", served.name, served.version, self.source.ref, engine.runtime)
         if self.source.movable:
             self._tasks.append(asyncio.create_task(self._follow_alias()))
 
@@ -650,7 +657,7 @@ class Server:
                 if version == self.served.version:
                     continue
                 served = await asyncio.to_thread(self.source.load, version)
-                self.engine.swap_model(served.model)
+                await asyncio.to_thread(self.engine.swap_model, served.model)
                 self.served = served
                 self.metrics.reloads.labels("ok").inc()
                 log.info("%s moved: now serving %s v%s", self.source.ref, served.name, version)
@@ -1042,7 +1049,8 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
         if server.served is None or server.closing:
             status = "closing" if server.closing else "failed" if server.load_error else "loading"
             return JSONResponse({"status": status, "error": server.load_error}, status_code=503)
-        return {"status": "ready", "model": server.served.name, "version": server.served.version}
+        return {"status": "ready", "model": server.served.name, "version": server.served.version,
+                "runtime": server.engine.runtime}
 
     @app.get("/metrics", dependencies=[] if cfg.serve.metrics_public else [deployer], include_in_schema=False)
     async def metrics_endpoint():

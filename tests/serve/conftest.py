@@ -109,18 +109,18 @@ class LiveServer:
     def slow_model(self, seconds_per_step: float = 0.002):
         """Each forward of the served model takes at least this long, as a larger model's would: long
         enough that a test can act while a request is still generating."""
-        model = self.server.engine.model
-        fast = model.forward_rows
+        engine = self.server.engine
+        fast = engine._forward  # the runtime's forward, whichever runs it
 
-        def slow(*args, **kwargs):
+        def slow(idx, cache):
             time.sleep(seconds_per_step)
-            return fast(*args, **kwargs)
+            return fast(idx, cache)
 
-        model.forward_rows = slow
+        engine._forward = slow
         try:
             yield
         finally:
-            del model.forward_rows
+            engine._forward = fast
 
     def shutdown(self) -> None:
         """What SIGTERM does: stop accepting, let in-flight requests finish, run the app's shutdown."""

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmops.checkpoint import Checkpoint
 from lmops.errors import LmopsError
+from lmops.model import GPT
 from lmops.serve.app import Detokenizer
 from lmops.store import utcnow
 from lmops.tokenizer import EOT, train_tokenizer
@@ -312,7 +313,8 @@ def test_bad_requests_get_openai_errors(main, env):
 def test_api_keys_roles_and_probes(main, env):
     url = main.url
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["status"] == "ready" and ready["runtime"] == "onnxruntime"  # serve.runtime auto, a CPU float32 model
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
     r = httpx.post(f"{url}/v1/completions", json=body)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -330,6 +332,34 @@ def test_api_keys_roles_and_probes(main, env):
     assert httpx.get(f"{url}/metrics", headers=bearer(env.keys["deployer"])).status_code == 200
     assert httpx.get(f"{url}/metrics").status_code == 401
     assert httpx.get(f"{url}/v1/models", headers=bearer(env.keys["admin"])).status_code == 200
+
+
+def test_both_runtimes_serve_the_same_completion_and_one_that_cannot_says_why(env, main):
+    from dataclasses import replace
+
+    from lmops.serve.app import ModelSource
+
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    torch_server = env.start(*FAST, "serve.runtime=torch")
+    assert httpx.get(f"{torch_server.url}/readyz").json()["runtime"] == "torch"
+    a, b = (httpx.post(f"{live.url}/v1/completions", json=body, headers=bearer(env.keys["inference"])).json()
+            for live in (main, torch_server))
+    torch_server.stop()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] and a["usage"] == b["usage"]
+    for x, y in zip(a["choices"][0]["logprobs"]["token_logprobs"], b["choices"][0]["logprobs"]["token_logprobs"]):
+        assert abs(x - y) < 1e-4
+
+    class Odd(ModelSource):  # head_dim 24: onnxruntime's fused attention takes multiples of 16
+        def load(self, version=None):
+            served = super().load(version)
+            cfg = replace(served.model.cfg, n_head=4, n_kv_head=4)
+            return replace(served, model=GPT(cfg))
+
+    live = env.start(*FAST, "serve.runtime=onnxruntime", source=Odd(env.ws, env.config(), str(env.model_dir)),
+                     ready=False)
+    wait_for(lambda: httpx.get(f"{live.url}/readyz").json()["status"] == "failed")
+    assert "onnxruntime: head_dim 24 is not a multiple of 16" in httpx.get(f"{live.url}/readyz").json()["error"]
+    live.stop()
 
 
 def test_ready_only_once_the_model_is_loaded(env):

@@ -17,8 +17,9 @@ TOL = 1e-4
 
 
 def tiny(seed: int = 0, **kw) -> GPT:
-    """Unit-scale random weights, so logits spread over several nats and a wrong position shows."""
-    cfg = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, mlp_hidden=64, block_size=48,
+    """Unit-scale random weights, so logits spread over several nats and a wrong position shows.
+    head_dim 16: the smallest ONNX Runtime's fused attention takes, so the default runtime is onnxruntime."""
+    cfg = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=64, mlp_hidden=64, block_size=48,
                rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
     cfg.update(kw)
     torch.manual_seed(seed)
@@ -59,6 +60,12 @@ def check_greedy(model: GPT, handle, events) -> None:
         assert torch.allclose(torch.tensor(list(e.top_logprobs.values())), values, atol=TOL)
 
 
+@pytest.fixture(params=["onnxruntime", "torch"])
+def runtime(request) -> str:
+    """The engine's two runtimes for its forward: each must give naive recompute's tokens and logits."""
+    return request.param
+
+
 def test_model_is_meaningful():
     model = tiny()
     logits = model(torch.tensor([prompt(10, 0)]))
@@ -66,9 +73,10 @@ def test_model_is_meaningful():
 
 
 @pytest.mark.parametrize("arch", [dict(), dict(n_kv_head=4, tie_embeddings=True)], ids=["gqa", "mha-tied"])
-def test_greedy_alone_equals_naive_recompute(arch):
+def test_greedy_alone_equals_naive_recompute(arch, runtime):
     model = tiny(**arch)
-    engine = Engine(model).start()
+    engine = Engine(model, runtime=runtime).start()
+    assert engine.runtime == runtime
     h = engine.submit(prompt(7, 1), SamplingParams(max_tokens=20, temperature=0, logprobs=3))
     events = list(h)
     engine.stop(1)
@@ -78,10 +86,10 @@ def test_greedy_alone_equals_naive_recompute(arch):
     assert h.queued_at <= h.started_at <= h.first_token_at <= h.finished_at
 
 
-def test_mixed_batch_joining_mid_decode_equals_naive():
+def test_mixed_batch_joining_mid_decode_equals_naive(runtime):
     """Different prompt lengths joining at different steps, one prompt prefilled in chunks, rows leaving."""
     model = tiny()
-    engine = Engine(model, max_batch=4, prefill_chunk=8)
+    engine = Engine(model, max_batch=4, prefill_chunk=8, runtime=runtime)
     greedy = dict(temperature=0, logprobs=3)
     a = engine.submit(prompt(5, 1), SamplingParams(max_tokens=30, **greedy))
     for _ in range(4):
@@ -105,9 +113,9 @@ def test_mixed_batch_joining_mid_decode_equals_naive():
     assert d.finish_reason == "length"
 
 
-def test_greedy_in_threaded_batch_equals_naive():
+def test_greedy_in_threaded_batch_equals_naive(runtime):
     model = tiny()
-    engine = Engine(model, max_batch=3).start()
+    engine = Engine(model, max_batch=3, runtime=runtime).start()
     handles = []
     for i, n in enumerate([3, 9, 1, 14, 6]):
         handles.append(engine.submit(prompt(n, 10 + i), SamplingParams(max_tokens=15 + i, temperature=0, logprobs=3)))
@@ -121,9 +129,9 @@ def sampled(engine: Engine, ids: list[int], seed: int) -> list[int]:
                                                                  seed=seed))]
 
 
-def test_seed_gives_same_tokens_alone_and_in_a_busy_batch():
+def test_seed_gives_same_tokens_alone_and_in_a_busy_batch(runtime):
     model = tiny()
-    engine = Engine(model, max_batch=4).start()
+    engine = Engine(model, max_batch=4, runtime=runtime).start()
     ids = prompt(6, 5)
     alone = sampled(engine, ids, seed=42)
     others = [engine.submit(prompt(3 + i, 20 + i), SamplingParams(max_tokens=40, temperature=1.0, seed=i))
@@ -309,9 +317,9 @@ def test_a_step_wakes_each_event_loop_once_and_a_late_reader_catches_up_in_one_b
     asyncio.run(main())
 
 
-def test_swap_model_new_requests_use_it_in_flight_finish_on_old():
+def test_swap_model_new_requests_use_it_in_flight_finish_on_old(runtime):
     old, new = tiny(seed=0), tiny(seed=1, block_size=32)
-    engine = Engine(old, max_batch=2)
+    engine = Engine(old, max_batch=2, runtime=runtime)
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
     a = engine.submit(prompt(4, 1), params)
     engine.step()
@@ -348,15 +356,33 @@ def test_concurrent_submitters():
 def test_a_failing_forward_finishes_with_error_and_the_engine_goes_on(monkeypatch):
     model = tiny()
     engine = Engine(model).start()
-    real = model.forward_rows
+    real = engine._forward  # the runtime's forward (onnxruntime here)
 
-    def broken(idx, cache, last_only=True):
-        monkeypatch.setattr(model, "forward_rows", real)  # fail once
+    def broken(idx, cache):
+        monkeypatch.setattr(engine, "_forward", real)  # fail once
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(model, "forward_rows", broken)
+    monkeypatch.setattr(engine, "_forward", broken)
     failed = engine.submit(prompt(4, 1), SamplingParams(max_tokens=5, temperature=0))
     assert list(failed) == [] and failed.finish_reason == "error" and "out of memory" in failed.error
     ok = engine.submit(prompt(4, 1), SamplingParams(max_tokens=5, temperature=0))
     assert [e.token_id for e in ok] == naive(model, prompt(4, 1), 5)[0]
     engine.stop(1)
+
+
+def test_runtime_choice_falls_back_to_torch_or_refuses_with_the_reason(caplog):
+    odd = tiny(d_model=32)  # head_dim 8: onnxruntime's fused attention wants a multiple of 16
+    with caplog.at_level("WARNING"):
+        engine = Engine(odd)
+    assert engine.runtime == "torch" and "head_dim 8 is not a multiple of 16" in caplog.text
+    with pytest.raises(ValueError, match="onnxruntime: head_dim 8"):
+        Engine(odd, runtime="onnxruntime")
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        Engine(tiny(), runtime="tensorrt")
+    engine = Engine(tiny(), runtime="onnxruntime")
+    with pytest.raises(ValueError, match="head_dim 8"):  # refused in the caller, the old model goes on
+        engine.swap_model(odd)
+    h = engine.submit(prompt(3, 1), SamplingParams(max_tokens=2, temperature=0))
+    while not h.done:
+        engine.step()
+    assert engine.runtime == "onnxruntime" and h.completion_tokens == 2
