@@ -1,6 +1,7 @@
 """Load on the OpenAI-compatible server over loopback, reported as `vllm bench serve` reports it.
 
   python benchmarks/serve_load.py [--requests-per-client 3] [--max-tokens 128] [--batch-rounds 3] [--rounds 5]
+                                  [--runtime auto|onnxruntime|torch]
 
 The server runs in its own process (as `lmops serve` would), on 127.0.0.1, serving a random 4 layers x
 256 model (vocab 2048 byte-level BPE trained on the demo corpus, context 512); the clients run here, as
@@ -77,7 +78,7 @@ def build(folder: Path) -> None:
     (folder / "prompts.json").write_text(json.dumps(prompts))
 
 
-def serve(folder: Path, port: int, max_batch: int, features: bool) -> None:
+def serve(folder: Path, port: int, max_batch: int, features: bool, runtime: str) -> None:
     import uvicorn
 
     from lmops.config import override
@@ -87,7 +88,7 @@ def serve(folder: Path, port: int, max_batch: int, features: bool) -> None:
 
     ws = Workspace(folder / "ws")
     cfg = override(ws.config(), [f"serve.max_batch={max_batch}", "serve.max_waiting=256",
-                                 "auth.rate_limit_per_s=10000", "auth.burst=10000"])
+                                 f"serve.runtime={runtime}", "auth.rate_limit_per_s=10000", "auth.burst=10000"])
     store = Store.for_workspace(ws, cfg)
     app = create_app(cfg, ModelSource(ws, cfg, str(folder / "model")), store, auth=features, moderation=features,
                      request_log=features, metrics=features)
@@ -97,7 +98,7 @@ def serve(folder: Path, port: int, max_batch: int, features: bool) -> None:
 class Server:
     """A server process; stopped (SIGTERM) on exit."""
 
-    def __init__(self, folder: Path, max_batch: int, features: bool):
+    def __init__(self, folder: Path, max_batch: int, features: bool, runtime: str = "auto"):
         import socket
 
         with socket.socket() as s:
@@ -105,7 +106,7 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), str(self.port), str(max_batch),
-                                      "1" if features else "0"])
+                                      "1" if features else "0", runtime])
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-rounds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runtime", default="auto", help="serve.runtime of every server (default auto: onnxruntime)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -221,8 +223,8 @@ def main() -> None:
 
         print(f"1. continuous batching: {CLIENTS_BATCHING} streaming clients x {args.requests_per_client} requests, "
               f"{args.max_tokens} output tokens each, {args.batch_rounds} rounds alternating")
-        with Server(folder, CLIENTS_BATCHING, features=True) as on:
-            with Server(folder, 1, features=True) as single:
+        with Server(folder, CLIENTS_BATCHING, True, args.runtime) as on:
+            with Server(folder, 1, True, args.runtime) as single:
                 pooled: dict[str, tuple[list[Result], float]] = {"batched": ([], 0.0), "single": ([], 0.0)}
                 rates: dict[str, list[float]] = {"batched": [], "single": []}
                 for _ in range(args.batch_rounds):
@@ -239,7 +241,7 @@ def main() -> None:
 
             print(f"\n2. auth + moderation + request log + metrics: {CLIENTS_OVERHEAD} clients, {args.rounds} rounds "
                   "alternating")
-            with Server(folder, CLIENTS_BATCHING, features=False) as bare:
+            with Server(folder, CLIENTS_BATCHING, False, args.runtime) as bare:
                 means: dict[str, list[float]] = {"on": [], "off": []}
                 ttfts: dict[str, list[float]] = {"on": [], "off": []}
                 for _ in range(args.rounds):
@@ -257,7 +259,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--serve":
-        serve(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")
+    if len(sys.argv) == 7 and sys.argv[1] == "--serve":
+        serve(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6])
     else:
         main()

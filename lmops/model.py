@@ -286,24 +286,43 @@ class GPT(nn.Module):
         return out
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of logits (B, V) -> (B, 1). temperature 0 means greedy."""
-    if temperature <= 0:
+def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor | None = None,
+           top_p: float | torch.Tensor | None = None, generator: torch.Generator | None = None,
+           uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V) -> (B, 1). A number temperature <= 0 means greedy.
+
+    temperature, top_k and top_p are one number for every row, or a tensor (B,) of each row's own (a
+    top_k of 0 or >= V, a top_p of 1, keeps every token), so that a server samples all its rows in
+    one go. The draw is one uniform in [0, 1) per row: `uniform` (B,) when given, so that each row can
+    come from its own random stream, else from generator.
+    """
+    if not torch.is_tensor(temperature) and temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    B, V = logits.shape
+    logits = logits.float() / torch.as_tensor(temperature, device=logits.device).reshape(-1, 1)
+    if top_k is not None:
+        k = torch.as_tensor(top_k, device=logits.device).reshape(-1, 1)
+        on = (k > 0) & (k < V)
+        if bool(on.any()):  # each row's k-th largest logit, from one topk at the largest k asked
+            top = torch.topk(logits, int(k[on].max()), dim=-1).values
+            kth = top.gather(-1, (k.clamp(1, top.shape[-1]) - 1).expand(B, 1))
+            logits = logits.masked_fill(on & (logits < kth), float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    if top_p is not None and 0 < top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    # inverse-CDF: one uniform per row from the generator. torch.multinomial draws an exponential for
-    # every vocabulary entry, which costs more than the rest of a small model's decode step per row.
+    if top_p is not None:
+        p = torch.as_tensor(top_p, device=logits.device, dtype=probs.dtype).reshape(-1, 1)
+        on = (p > 0) & (p < 1)
+        if bool(on.any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = on & (sorted_probs.cumsum(dim=-1) - sorted_probs >= p)
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # inverse CDF: one uniform per row. torch.multinomial draws an exponential for every vocabulary
+    # entry, which costs more than the rest of a small model's decode step per row.
+    if uniform is None:
+        uniform = torch.rand(B, generator=generator, device=probs.device)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    total = cdf[:, -1:]
+    # the first token whose cdf passes u * total: one with probability > 0, as u * total < total
+    target = torch.minimum(uniform.reshape(-1, 1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)

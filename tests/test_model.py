@@ -66,6 +66,27 @@ def test_sampling_filters_and_seed():
     assert len(set(a)) == 1
 
 
+def test_rows_sampled_together_equal_rows_sampled_alone():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(6, 50)
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.3])
+    top_k = torch.tensor([0, 5, 0, 1, 50, 3])  # 0 and >= V: no limit
+    top_p = torch.tensor([1.0, 1.0, 0.5, 0.9, 0.2, 0.95])
+    for trial in range(20):
+        u = torch.rand(6, generator=torch.Generator().manual_seed(trial))
+        together = sample(logits, temperature, top_k, top_p, uniform=u).view(-1).tolist()
+        alone = [sample(logits[i:i + 1], temperature[i].item(), int(top_k[i]) or None, top_p[i].item(),
+                        uniform=u[i:i + 1]).item() for i in range(6)]
+        assert together == alone
+        assert together[3] == int(logits[3].argmax())  # top_k 1
+    # the largest uniform still lands on a token the filters kept, never on a masked tail
+    edge = torch.full((6,), 1 - 2**-24)
+    for row, token in enumerate(sample(logits, temperature, top_k, top_p, uniform=edge).view(-1).tolist()):
+        k = int(top_k[row])
+        if 0 < k < 50:
+            assert token in logits[row].topk(k).indices.tolist()
+
+
 def test_tied_embeddings_share_storage_and_param_groups_cover_all():
     model = tiny()
     assert model.lm_head.weight is model.embed.weight

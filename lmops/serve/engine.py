@@ -31,9 +31,11 @@ sequence reaching it finishes with reason "length" (the engine does not slide a 
 `GPT.generate` does: the cache would have to be recomputed, and a server should say it stopped). A
 prompt longer than block_size is refused by `submit` (ValueError).
 
-Sampling is per request: each request with temperature > 0 has its own torch.Generator (seeded by
-`seed`), used only for its own row, so its tokens do not depend on what else is in the batch: the same
-seed and prompt give the same tokens alone or in any batch. Log-probabilities are those of the model
+Sampling is per request: each request with temperature > 0 has its own random stream (seeded by
+`seed`), which draws its row's one uniform per token, so its tokens do not depend on what else is in
+the batch: the same seed and prompt give the same tokens alone or in any batch. The rows of a step
+are sampled together (one `sample` over all of them with each row's temperature, top_k and top_p),
+not one by one: a row by itself costs a dozen small ops. Log-probabilities are those of the model
 (log_softmax of the raw logits, before temperature, top-k and top-p), as in the OpenAI API.
 
 Delivery. Events a step produces for requests submitted from an event loop are handed to that loop in
@@ -56,6 +58,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -304,7 +307,7 @@ class _Seq:
 
     handle: RequestHandle
     limit: int  # completion tokens allowed: max_tokens, or fewer to stay within block_size
-    generator: torch.Generator | None
+    rng: random.Random | None  # its own random stream when sampling (temperature > 0)
     pos: int = 0  # tokens in the cache
     last: int = -1  # the token to feed next
     stop: frozenset[int] = field(default_factory=frozenset)
@@ -382,6 +385,8 @@ class Engine:
         self._closed = False  # stop() called: no new requests
         self._deadline: float | None = None  # stop(): cancel what is left after this time
         self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()  # PyTorch's threads in the thread creating the engine
+        self._threads_set = threading.Event()
         self._serving = False  # the engine thread is in its loop and will run queued jobs
         # engine-thread state: row i of the cache holds _running[i]; _joining is being prefilled in row n
         self._running: list[_Seq] = []
@@ -452,6 +457,9 @@ class Engine:
         self._serving = True
         self._thread = threading.Thread(target=self._loop, name="lmops-engine", daemon=True)
         self._thread.start()
+        self._threads_set.wait()
+        # ATen also keeps the last count set as the default of threads that start later: give it back
+        torch.set_num_threads(self._threads)
         return self
 
     def stop(self, drain_timeout: float = 30.0) -> None:
@@ -496,6 +504,7 @@ class Engine:
             return
         if swap is not None:
             (self.model, self._forward, self.runtime), self._cache = swap, None  # new config, device or dtype: new cache
+            self._set_threads()  # (the rare swap onto another runtime leaves ATen's default for new threads at it)
         self._drop_cancelled()
         self._prefill()
         self._decode()
@@ -503,6 +512,10 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
+        try:
+            self._set_threads()
+        finally:
+            self._threads_set.set()
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -517,6 +530,17 @@ class Engine:
                 except Exception as err:  # a bug: fail what is in flight rather than hang every client
                     log.exception("engine step failed")
                     self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _set_threads(self) -> None:
+        """The engine thread's own PyTorch threads: all of them when PyTorch runs the forward, one when
+        ONNX Runtime does. Then PyTorch only samples and moves small tensors, and two OpenMP threads
+        contending with ONNX Runtime's (spinning) pool for the same cores made a sampled decode step
+        2.5x slower (measured on 2 cores). With OpenMP, torch.set_num_threads applies to the calling
+        thread (and becomes the default of threads started later: `start` restores that)."""
+        if threading.current_thread() is self._thread:
+            want = 1 if self.runtime == "onnxruntime" else self._threads
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
 
     def _cache_for_model(self) -> SlotCache:
         if self._cache is None:
@@ -569,14 +593,8 @@ class Engine:
         if limit <= 0:
             handle._finish("length")
             return None
-        generator = None
-        if p.temperature > 0:
-            generator = torch.Generator(device=self.model.embed.weight.device)
-            if p.seed is not None:
-                generator.manual_seed(p.seed)
-            else:
-                generator.seed()  # a fresh random seed
-        return _Seq(handle, limit, generator, stop=frozenset(p.stop_token_ids))
+        rng = random.Random(p.seed) if p.temperature > 0 else None  # seed None: seeded from the OS
+        return _Seq(handle, limit, rng, stop=frozenset(p.stop_token_ids))
 
     def _decode(self) -> None:
         """One token for every running sequence, in one forward."""
@@ -599,12 +617,20 @@ class Engine:
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, row0: int) -> None:
         """Choose each sequence's next token from its logits row, deliver it, retire finished ones."""
         tokens = logits.argmax(dim=-1).tolist()
+        if rows := [i for i, seq in enumerate(seqs) if seq.rng is not None]:  # sampled rows, all in one go
+            params = [seqs[i].handle.params for i in rows]
+            device = logits.device
+            picked = sample(logits[rows], torch.tensor([p.temperature for p in params], device=device),
+                            torch.tensor([p.top_k or 0 for p in params], device=device),
+                            torch.tensor([p.top_p or 1.0 for p in params], device=device),
+                            # each row's uniform from its own stream: 24 bits, exact in float32 and < 1
+                            uniform=torch.tensor([seqs[i].rng.getrandbits(24) / 2**24 for i in rows], device=device))
+            for i, token in zip(rows, picked.view(-1).tolist()):
+                tokens[i] = token
         finished: list[tuple[int, str]] = []
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             p, handle = seq.handle.params, seq.handle
-            if seq.generator is not None:
-                tokens[i] = int(sample(logits[i:i + 1], p.temperature, p.top_k or None, p.top_p, seq.generator))
             token = tokens[i]
             if token in seq.stop:
                 finished.append((row0 + i, "stop"))

@@ -386,3 +386,26 @@ def test_runtime_choice_falls_back_to_torch_or_refuses_with_the_reason(caplog):
     while not h.done:
         engine.step()
     assert engine.runtime == "onnxruntime" and h.completion_tokens == 2
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_engine_thread_uses_one_torch_thread_beside_onnxruntime_and_leaves_the_process_alone(runtime):
+    before = torch.get_num_threads()
+    engine = Engine(tiny(), runtime=runtime).start()
+    seen = []
+    real = engine._forward
+
+    def spy(idx, cache):
+        seen.append(torch.get_num_threads())
+        return real(idx, cache)
+
+    engine._forward = spy
+    list(engine.submit(prompt(3, 1), SamplingParams(max_tokens=2, temperature=1.0)))
+    engine.stop(1)
+    assert set(seen) == {1 if runtime == "onnxruntime" else before}
+    assert torch.get_num_threads() == before
+    later = []  # a thread started afterwards gets the process's count, not the engine's
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [before]
