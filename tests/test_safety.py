@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmops.safety import PII_KINDS, Finding, blocklist_hits, find_pii, injection_hits, redact_pii
 
@@ -267,3 +269,21 @@ def test_moderate_rejects_unknown_direction_and_actions():
         moderate("x", _cfg(), "in")
     with pytest.raises(LmopsError, match="safety.injection_action"):
         parse_config({"safety": {"injection_action": "redact"}})  # only PII can be redacted
+
+
+PIECES = ["+49 30 123456", "555-123-4567", "(555) 123 4567", "0171 1234567", "192.168.0.1", "fe80::1:2", "::1",
+          "2001:db8::ff00:42:8329", "::ffff:192.0.2.1", "4111 1111 1111 1111", "4111111111111111", "٣٣٣-٣٣٣-٣٣٣٣",
+          "١٩٢.١٦٨.٠.١", "a@b.co", "api_key = 'abcDEF123456789xyz'", "12:30:45", "1.2.3.4.5", "0", "7", ":", ".", "-"]
+
+
+@given(st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=8)), max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_a_rules_gate_never_skips_a_text_its_pattern_finds_something_in(parts):
+    """The gates (a needle, enough digits, a quick hint) only skip texts where the pattern finds nothing."""
+    from lmops.safety import _DIGIT, _RULES
+
+    text = " ".join(parts)
+    digits = len(_DIGIT.findall(text))
+    for kind, gate, pattern, group, check in _RULES:
+        if any(check is None or check(m) for m in pattern.finditer(text)):
+            assert gate(text, digits), (kind, pattern.pattern, text)
