@@ -324,5 +324,6 @@ def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k:
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     # the first token whose cdf passes u * total: one with probability > 0, as u * total < total
-    target = torch.minimum(uniform.reshape(-1, 1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    below_total = torch.nextafter(total, torch.zeros_like(total))
+    target = torch.minimum(uniform.reshape(-1, 1).to(cdf.dtype) * total, below_total)
     return torch.searchsorted(cdf, target, right=True)

@@ -21,7 +21,7 @@ position, and attends to keys [0, longest length) through a mask that hides posi
 length; all of it in `GPT.forward_rows` (lmops/model.py). A lone sequence needs no mask.
 
 Runtime. That forward runs on ONNX Runtime when it can (`runtime="auto"`, lmops/serve/ort.py: the same
-maths with each layer's small ops fused, about 3-4x faster per token on a CPU, writing the same
+maths with each layer's small ops fused, 1.9-3.3x faster per token on a CPU, writing the same
 SlotCache in place), else on PyTorch (`GPT.forward_rows`: a GPU, bf16 weights, a head_dim ORT's fused
 attention does not take). `runtime="torch"` or `"onnxruntime"` insists on one. Sampling, the cache's
 bookkeeping and scoring are the engine's either way.
@@ -503,7 +503,8 @@ class Engine:
             self._cancel_all()
             return
         if swap is not None:
-            (self.model, self._forward, self.runtime), self._cache = swap, None  # new config, device or dtype: new cache
+            (self.model, self._forward, self.runtime) = swap
+            self._cache = None  # a new config, device or dtype needs a new cache
             self._set_threads()  # (the rare swap onto another runtime leaves ATen's default for new threads at it)
         self._drop_cancelled()
         self._prefill()

@@ -5,8 +5,8 @@ Why. A decode step on a CPU is a few dozen small operations per layer. In eager 
 the count of operations rather than by memory bandwidth (benchmarks/README.md). ONNX Runtime runs a
 whole graph in C++ with fused kernels made for this: `GroupQueryAttention` (rotary embedding, the
 write of the new keys and values into the cache, attention over each row's own length, in one op)
-and `SkipSimplifiedLayerNormalization` (residual add + RMSNorm). It decodes the benchmark model about
-3-4x faster than the eager forward with the same tokens (benchmarks/engine_decode.py).
+and `SkipSimplifiedLayerNormalization` (residual add + RMSNorm). It decodes the benchmark model
+1.9-3.3x faster than the eager forward (one thread / two), same tokens (benchmarks/engine_decode.py).
 
 What. `OrtDecoder(model).forward_rows(idx, cache)` is a drop-in for `model.forward_rows(idx, cache)`
 for the engine: same arguments (a `SlotCache` with its `row0` and `starts`), same logits of the last
@@ -61,9 +61,9 @@ class OrtDecoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch uses
         options.log_severity_level = 3  # errors only
-        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]  # alive as long as the session
+        # the session reads these arrays in place: they, and the OrtValues over them, live as long as it does
+        self._weights, self._values = weights, [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
         options.add_external_initializers(list(weights), self._values)
-        self._weights = weights
         self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self._binding = self.session.io_binding()
 
@@ -126,7 +126,8 @@ def _graph(model: GPT):
                  axis=-1, epsilon=eps, stash_type=1)
             residual = x
         else:  # (attention norm of x + residual) and the sum itself, in one op
-            node("SkipSimplifiedLayerNormalization", [x, residual, weight(p + "attn_norm.weight", block.attn_norm.weight)],
+            norm = weight(p + "attn_norm.weight", block.attn_norm.weight)
+            node("SkipSimplifiedLayerNormalization", [x, residual, norm],
                  [p + "h", "", "", p + "x"], epsilon=eps)
             residual = p + "x"
         node("MatMul", [p + "h", weight(p + "attn.qkv.weight", block.attn.qkv.weight.t())], [p + "qkv"])
@@ -139,7 +140,8 @@ def _graph(model: GPT):
         node("GroupQueryAttention", [p + "qkv", "", "", *cache, "seqlens_k", "total_sequence_length", cos, sin],
              [p + "attn", f"present_key.{i}", f"present_value.{i}"], num_heads=H, kv_num_heads=KV, do_rotary=1)
         node("MatMul", [p + "attn", weight(p + "attn.proj.weight", block.attn.proj.weight.t())], [p + "attn_out"])
-        node("SkipSimplifiedLayerNormalization", [p + "attn_out", residual, weight(p + "mlp_norm.weight", block.mlp_norm.weight)],
+        norm = weight(p + "mlp_norm.weight", block.mlp_norm.weight)
+        node("SkipSimplifiedLayerNormalization", [p + "attn_out", residual, norm],
              [p + "h2", "", "", p + "x2"], epsilon=eps)
         residual = p + "x2"
         node("MatMul", [p + "h2", weight(p + "mlp.gate_up.weight", block.mlp.gate_up.weight.t())], [p + "gate_up"])
@@ -154,7 +156,8 @@ def _graph(model: GPT):
     constants = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in zip(last, (-1, 2**62, 1))]
     node("Slice", [x, *last], ["x.last"])
     node("Slice", [residual, *last], ["residual.last"])
-    node("SkipSimplifiedLayerNormalization", ["x.last", "residual.last", weight("norm.weight", model.norm.weight)], ["h.last"],
+    norm = weight("norm.weight", model.norm.weight)
+    node("SkipSimplifiedLayerNormalization", ["x.last", "residual.last", norm], ["h.last"],
          epsilon=eps)
     node("MatMul", ["h.last", weight("lm_head.weight", model.lm_head.weight.t())], ["logits"])
 
