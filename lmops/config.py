@@ -383,6 +383,13 @@ class ServeConfig(Section):
         "what follows them: PII (an e-mail, a card number) shorter than this is redacted before any of it "
         "is sent. Costs that much delay at the start of a stream.",
     )
+    moderation_interval_chars: int = Field(
+        16, ge=1,
+        description="A moderated stream releases text once this many more characters can go: each "
+        "moderation reads the whole completion so far, so moderating at every token costs time growing "
+        "with the square of its length (it was the largest per-token cost of a streaming server). 16 "
+        "characters are about 4 tokens; the holdback, not this, decides what moderation sees first.",
+    )
     chat_roles: dict[str, str] = Field(
         default_factory=lambda: {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"},
         description="Chat messages become lines 'Label: content' and the prompt ends 'Assistant:' (the label "

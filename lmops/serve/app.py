@@ -11,7 +11,9 @@ Choices a reader could make otherwise:
   expect the text cut exactly there (finish_reason "stop").
 - A stream holds text back: the last len(longest stop) - 1 characters, which may be the start of a stop
   sequence, and, when completions are moderated, serve.moderation_holdback_chars more, because moderation
-  reads all the text so far and PII shorter than that is redacted before any of it is sent.
+  reads all the text so far and PII shorter than that is redacted before any of it is sent. A moderated
+  stream also releases text in steps of serve.moderation_interval_chars rather than at every token, as
+  each moderation reads the whole completion so far.
 - A completion that trips a "block" rule ends with finish_reason "content_filter" (Azure OpenAI's), its
   text cut before the part that tripped it; a prompt that does is refused (400, code content_blocked).
 - A completion also ends ("length") where prompt + completion fill the model's context (block_size), even
@@ -414,6 +416,7 @@ class Choice:
     moderate: Callable[[str], Moderation] | None
     holdback: int
     lstrip: bool = False  # chat: drop the space a model writes after "Assistant:"
+    every: int = 1  # when moderated: release text once at least this many characters can go
     raw: str = ""  # decoded text so far, cut at a stop sequence
     sent: str = ""  # text released so far (moderated)
     tokens: int = 0
@@ -477,8 +480,8 @@ class Choice:
         if self.moderate is not None:
             if not final:
                 hold = max(hold, self.holdback)
-                if len(text) - hold <= len(self.sent):
-                    return ""  # nothing could be released yet: spare the regexes
+                if len(text) - hold < len(self.sent) + self.every:
+                    return ""  # too little could be released yet: spare the regexes
             m = self.moderation = self.moderate(text)
             if m.action == "block":
                 self.finish_reason = "content_filter"
@@ -781,7 +784,7 @@ class Server:
     def choice(self, handle, served: ServedModel, ids: list[int], stops: list[str], lstrip: bool = False) -> Choice:
         moderator = (lambda text: moderate(text, self.cfg.safety, "output")) if self.moderation_on else None
         return Choice(handle, Detokenizer(served.tokenizer, ids), stops, moderator, self.sc.moderation_holdback_chars,
-                      lstrip)
+                      lstrip, every=self.sc.moderation_interval_chars)
 
     def finish(self, choices: list[Choice], row: dict, prompt: str) -> None:
         """Count and record the choices, finished or cut short by a client that left."""

@@ -255,6 +255,50 @@ def test_a_late_batch_of_tokens_is_sent_as_one_piece_and_cut_at_a_stop_sequence(
     assert choice.tokens == through and choice.handle.cancelled  # tokens after the stop are dropped
 
 
+def test_a_moderated_stream_releases_text_in_steps_and_all_of_it_at_the_end():
+    from lmops.safety import Moderation
+    from lmops.serve.app import Choice
+    from lmops.serve.engine import TokenEvent
+
+    tok = train_tokenizer(["hello world, write to me@example.com soon. " * 20], "bpe", vocab_size=300, min_frequency=2)
+    calls = 0
+
+    def moderate(t: str) -> Moderation:
+        nonlocal calls
+        calls += 1
+        return Moderation("redact", t.replace("me@example.com", "[EMAIL]"), {"pii": ["email"]} if "@" in t else {})
+
+    def stream(text: str, every: int) -> list[str]:
+        ids = tok.encode(text).ids
+
+        class OneByOne:  # a reader that keeps up: one token per batch
+            finish_reason = "length"
+
+            async def batches(self):
+                for i in ids:
+                    yield [TokenEvent(i)]
+
+            def cancel(self):
+                pass
+
+        async def run():
+            choice = Choice(OneByOne(), Detokenizer(tok), [], moderate, holdback=16, every=every)
+            return [p.text async for p in choice.pieces() if p.text]
+
+        return asyncio.run(run())
+
+    plain = "hello world, " * 8
+    per_token = stream(plain, 1)
+    calls, before = 0, calls
+    stepped = stream(plain, 12)
+    assert "".join(per_token) == "".join(stepped) == plain
+    assert all(len(p) >= 12 for p in stepped[:-1]) and len(stepped) < len(per_token) / 3
+    assert calls < before / 3  # one moderation pass per release, and one at the end
+    text = "hello world, " * 4 + "write to me@example.com soon"
+    pieces = stream(text, 12)
+    assert "".join(pieces) == text.replace("me@example.com", "[EMAIL]")  # redacted before any of it went out
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_bad_requests_get_openai_errors(main, env):
