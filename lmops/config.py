@@ -338,8 +338,8 @@ class ServeConfig(Section):
     runtime: Literal["auto", "onnxruntime", "torch"] = Field(
         "auto",
         description="What runs the model's forward while decoding. onnxruntime runs each layer as a few "
-        "fused C++ kernels and decodes 3-4x faster than eager PyTorch on a CPU, same tokens "
-        "(benchmarks/README.md); auto takes it when the model suits it (float32 on the CPU, head_dim a "
+        "fused C++ kernels and decodes 2-3x faster than eager PyTorch on a CPU (4-6x transformers' "
+        "generate), same tokens (benchmarks/README.md); auto takes it when the model suits it (float32 on the CPU, head_dim a "
         "multiple of 16) and PyTorch otherwise (a GPU, bf16 weights), saying why in the log.",
     )
     max_body_bytes: int = Field(
