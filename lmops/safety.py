@@ -137,15 +137,6 @@ def _is_assigned_secret(m: re.Match) -> bool:
     return named is not None and (len(value) >= 16 or not value.isalpha())
 
 
-# _CARD and _IPV4 start with \d and look behind it, rather than starting with a lookbehind: a pattern
-# that starts with a character class lets the regex engine skip ahead to digits, several times faster.
-#
-# Each rule: (kind, a gate, pattern, the group that is the finding, a check the match must pass). The
-# gate is a cheap test of the whole text (is a needle in it; does it hold enough digits, counted once)
-# that no text with a finding fails, so most texts skip most patterns: prose rarely holds the 9 digits
-# a phone number needs, and the phone pattern alone cost half of moderating a completion.
-
-
 _DIGIT = re.compile(r"\d")
 # what every match of _IPV4 and of _IPV6 holds, in patterns the regex engine scans for quickly
 _IPV4_HINT = re.compile(r"\d\.\d{1,3}\.\d")
@@ -156,6 +147,13 @@ def _holds(*needles: str) -> Callable[[str, int], bool]:
     return lambda text, digits: any(n in text for n in needles)
 
 
+# _CARD and _IPV4 start with \d and look behind it, rather than starting with a lookbehind: a pattern
+# that starts with a character class lets the regex engine skip ahead to digits, several times faster.
+#
+# Each rule: (kind, a gate, pattern, the group that is the finding, a check the match must pass). The
+# gate is a cheap test of the whole text (is a needle in it; does it hold enough digits, counted once)
+# that no text with a finding fails, so most texts skip most patterns: prose rarely holds the 9 digits
+# a phone number needs, and the phone pattern alone cost half of moderating a completion.
 _RULES: list[tuple[str, Callable[[str, int], bool], re.Pattern, int, Callable[[re.Match], bool] | None]] = [
     ("secret", _holds("PRIVATE KEY"),  # PEM and PGP private key blocks
      re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----.*?-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----", re.DOTALL),
