@@ -660,7 +660,9 @@ class Server:
                 if version == self.served.version:
                     continue
                 served = await asyncio.to_thread(self.source.load, version)
-                await asyncio.to_thread(self.engine.swap_model, served.model)
+                loaded = await asyncio.to_thread(self.engine.load_model, served.model)  # the slow part
+                # swap and relabel in one go on the loop, so a request's fingerprint is the model it runs on
+                self.engine.swap_model(loaded)
                 self.served = served
                 self.metrics.reloads.labels("ok").inc()
                 log.info("%s moved: now serving %s v%s", self.source.ref, served.name, version)

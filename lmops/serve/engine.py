@@ -64,6 +64,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -336,7 +337,15 @@ RUNTIMES = ("auto", "onnxruntime", "torch")
 Forward = Callable[[torch.Tensor, SlotCache], torch.Tensor]
 
 
-def load(model: GPT, runtime: str = "auto") -> tuple[GPT, Forward, str]:
+class Loaded(NamedTuple):
+    """A model ready to serve: prepared, with the forward that runs it and that runtime's name."""
+
+    model: GPT
+    forward: Forward
+    runtime: str
+
+
+def load(model: GPT, runtime: str = "auto") -> Loaded:
     """Prepare model for serving and choose what runs its forward: (model, forward, runtime's name).
 
     "auto" takes ONNX Runtime when the model suits it (lmops.serve.ort.unsupported says why not) and
@@ -347,10 +356,10 @@ def load(model: GPT, runtime: str = "auto") -> tuple[GPT, Forward, str]:
         raise ValueError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
     model = prepare(model)
     if runtime == "torch":
-        return model, model.forward_rows, "torch"
+        return Loaded(model, model.forward_rows, "torch")
     if (reason := ort.unsupported(model)) is None:
         try:
-            return model, ort.OrtDecoder(model).forward_rows, "onnxruntime"
+            return Loaded(model, ort.OrtDecoder(model).forward_rows, "onnxruntime")
         except Exception as err:
             if runtime == "onnxruntime":
                 raise
@@ -358,7 +367,7 @@ def load(model: GPT, runtime: str = "auto") -> tuple[GPT, Forward, str]:
     if runtime == "onnxruntime":
         raise ValueError(f"cannot serve this model on onnxruntime: {reason}")
     log.warning("decoding on PyTorch, not onnxruntime: %s", reason)
-    return model, model.forward_rows, "torch"
+    return Loaded(model, model.forward_rows, "torch")
 
 
 class Engine:
@@ -375,13 +384,13 @@ class Engine:
                  runtime: str = "auto"):
         if max_batch < 1 or max_waiting < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
-        self._runtime = runtime
+        self._wanted = runtime  # as asked; self.runtime: the one load chose
         self.model, self._forward, self.runtime = load(model, runtime)
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self._cond = threading.Condition()  # guards everything below that submit/cancel/score touch
         self._waiting: deque[RequestHandle] = deque()
         self._jobs: deque[Callable[[], None]] = deque()
-        self._next_model: tuple[GPT, Forward, str] | None = None  # swap_model's, loaded
+        self._next_model: Loaded | None = None  # swap_model's
         self._closed = False  # stop() called: no new requests
         self._deadline: float | None = None  # stop(): cancel what is left after this time
         self._thread: threading.Thread | None = None
@@ -405,7 +414,7 @@ class Engine:
         params = params or SamplingParams()
         ids = [int(t) for t in prompt_ids]
         with self._cond:
-            self._check_ids(ids, self._next_model[0] if self._next_model else self.model)
+            self._check_ids(ids, self._next_model.model if self._next_model else self.model)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -439,10 +448,15 @@ class Engine:
         with torch.inference_mode():
             return self._score(ids, top_n)
 
-    def swap_model(self, model: GPT) -> None:
+    def load_model(self, model: GPT) -> Loaded:
+        """Prepare model and build its runtime as this engine would, for swap_model. It takes a moment
+        (an ONNX Runtime session): call it where waiting is fine, then swap_model where it is not."""
+        return load(model, self._wanted)
+
+    def swap_model(self, model: GPT | Loaded) -> None:
         """Serve new requests with model: in-flight ones finish on the old model first (new ones wait).
-        The new model is prepared (and its runtime built) here, in the caller's thread."""
-        loaded = load(model, self._runtime)
+        A GPT is loaded here, in the caller's thread (see load_model)."""
+        loaded = model if isinstance(model, Loaded) else self.load_model(model)
         with self._cond:
             self._next_model = loaded
             self._cond.notify()

@@ -650,8 +650,10 @@ def test_serve_follows_the_alias_and_drains_on_sigterm(tmp_path, tok):
     script = ("import sys; from lmops.config import override; from lmops.serve.app import serve; "
               "from lmops.workspace import Workspace; ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
               "serve(ws, override(ws.config(), sys.argv[3:]), 'tiny@champion', '127.0.0.1', int(sys.argv[2]))")
+    # three unthrottled clients: with the fast runtime they outrun the default per-key rate limit (tested elsewhere)
     proc = subprocess.Popen([sys.executable, "-c", script, str(ws.root), str(port), "serve.reload_interval_s=0.2",
-                             "registry.model_name=tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "registry.model_name=tiny", "auth.rate_limit_per_s=1000", "auth.burst=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _ready(url), timeout=60)
