@@ -6,22 +6,13 @@ parsing) -> FastAPI's validation -> the API key (lmops.serve.auth: 401/403/429) 
 prompt -> the engine -> stop sequences and moderation of the completion -> the client, whole or as
 server-sent events.
 
-Choices a reader could make otherwise:
-- Stop sequences are matched on text, not tokens: a stop string can end inside a BPE token, and clients
-  expect the text cut exactly there (finish_reason "stop").
-- A stream holds text back: the last len(longest stop) - 1 characters, which may be the start of a stop
-  sequence, and, when completions are moderated, serve.moderation_holdback_chars more, because moderation
-  reads all the text so far and PII shorter than that is redacted before any of it is sent. A moderated
-  stream also releases text in steps of serve.moderation_interval_chars rather than at every token, as
-  each moderation reads the whole completion so far.
+Choices a reader could make otherwise (those about text on its way out are in output.py):
 - A completion that trips a "block" rule ends with finish_reason "content_filter" (Azure OpenAI's), its
   text cut before the part that tripped it; a prompt that does is refused (400, code content_blocked).
 - A completion also ends ("length") where prompt + completion fill the model's context (block_size), even
   before max_tokens: refusing every request whose max_tokens might not fit would refuse most of them.
 - n > 1 is refused (400): each choice would be a separate engine request anyway. A list of prompts is
   served, one choice per prompt, all submitted at once so they batch.
-- Text is decoded incrementally (Detokenizer): a character split across byte-level BPE tokens never
-  reaches a client broken in two.
 - Errors always have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, FastAPI's own
   validation errors included (400, not 422: what OpenAI clients expect).
 - Serving an alias (NAME@champion), the server follows it: when it moves, the new version is loaded
@@ -36,550 +27,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tokenizers import Tokenizer
+from starlette.types import Receive, Scope, Send
 
-from lmops.config import Config, SafetyConfig
-from lmops.errors import LmopsError
-from lmops.model import GPT
-from lmops.safety import STRENGTH, Moderation, moderate
-from lmops.serve.engine import Engine, EngineStopped, QueueFull, RequestHandle, SamplingParams, TokenEvent
-from lmops.store import REQUEST_FIELDS, utcnow
-from lmops.tokenizer import EOT, load_tokenizer
+from lmops.config import Config
+from lmops.safety import STRENGTH, moderate
+from lmops.serve.engine import Engine, EngineStopped, QueueFull, RequestHandle, SamplingParams
+from lmops.serve.metrics import Metrics
+from lmops.serve.middleware import BodyLimit, RequestLog
+from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs, completion_logprobs,
+                                prompt_logprobs)
+from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
+                                  error_from_validation)
+from lmops.serve.source import ModelSource, ServedModel, chat_turns, render_chat
 
 log = logging.getLogger("lmops.serve")
 
-INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")  # what the request log records
-MAX_LOGPROBS = 5  # as OpenAI's completions API
 RETRY_AFTER_QUEUE_S = 1  # a small model drains a full batch in about a second
 ENGINE_DRAIN_S = 2.0  # at shutdown, after the HTTP side waited: what is left in the engine has no client
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of SSE
-
-
-# ----------------------------------------------------------------------------- errors
-
-class APIError(Exception):
-    """An error the client gets as OpenAI's error body, with its HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
-          503: "service_unavailable"}
-
-
-def error_from_http(exc: HTTPException) -> APIError:
-    """A Starlette/FastAPI HTTPException (no such route, an unreadable body, lmops.serve.auth's AuthError)
-    as an APIError; a detail already in OpenAI's shape is kept."""
-    status, detail, headers = exc.status_code, exc.detail, dict(exc.headers or {})
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    if isinstance(detail, dict) and isinstance(detail.get("error"), dict):
-        e = detail["error"]
-        return APIError(status, str(e.get("message")), e.get("type") or kind, e.get("param"), e.get("code"), headers)
-    message = detail if isinstance(detail, str) else json.dumps(detail)
-    if message == "There was an error parsing the body":  # FastAPI's words for a body that is not UTF-8
-        message, code = "the request body is not valid UTF-8 JSON", "invalid_json"
-    else:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
-    return APIError(status, message, kind, code=code, headers=headers)
-
-
-_TYPE_TAG = re.compile(r"str|int|float|bool|none|.*[\[-].*")  # pydantic names a union's branches in error paths
-
-
-def error_from_validation(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 as OpenAI's 400, naming the first problem and its field."""
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error", "")
-        return APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json")
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.fullmatch(str(p))) or None
-    msg = first.get("msg", "invalid request")
-    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
-
-
-# ----------------------------------------------------------------------------- request bodies
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields a small server need not know
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str = Field(description="The model id, as /v1/models lists it.")
-    max_tokens: int | None = Field(None, description="Tokens to generate at most; the server's default if absent.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, description="Extension, as vLLM's: keep the k most likely tokens; -1 keeps all.")
-    n: int = Field(1, description="Only 1 is supported.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the output is cut before the first.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, prompt and model: same output.")
-    ignore_eos: bool = Field(False, description="Extension, as vLLM's: generate past end-of-text, for benchmarks "
-                             "that need outputs of a fixed length.")
-    user: str | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int | str | list[int]] = Field(
-        description="Text or token ids, or a list of texts or of token-id lists (one choice per prompt).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="Log-probability of each token and of this many most likely ones.")
-    echo: bool = Field(False, description="Return the prompt before the completion, with its logprobs when "
-                       "logprobs is set; with max_tokens 0 this scores the prompt.")
-
-
-class ChatMessage(_Body):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens.")
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-# ----------------------------------------------------------------------------- the model and where it comes from
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A loaded model with its tokenizer, and the name and version clients and the request log see."""
-
-    model: GPT
-    tokenizer: Tokenizer
-    name: str
-    version: str
-    eos_id: int | None  # generation stops there; also the start of an empty prompt
-
-    @property
-    def fingerprint(self) -> str:
-        """OpenAI's system_fingerprint: which weights answered."""
-        return f"{self.name}-v{self.version}"
-
-
-_NUMBER = re.compile(r"v?\d+")
-
-
-class ModelSource:
-    """The model a reference names: a registry version (NAME@alias, NAME@3, 3, champion, models:/...) or a
-    local path (an lmops checkpoint or the run folder holding one, or a Hugging Face Llama folder).
-
-    `version()` says which version the reference names now; only an alias moves, and `movable` says whether
-    it is one. `load(version)` reads that version and the tokenizer saved beside it.
-    """
-
-    def __init__(self, ws, cfg: Config, ref: str):
-        self.ws, self.cfg, self.ref = ws, cfg, ref
-        path = Path(ref).expanduser()
-        self.path = path if path.exists() else None
-        if self.path is not None:
-            self.movable = False
-            self.name = cfg.serve.served_model_name or (path if path.is_dir() else path.parent).name
-            return
-        if ws is None or ref.endswith(".safetensors") or "/" in ref and not ref.startswith("models:/"):
-            raise LmopsError(f"{ref}: no such file or folder; give a checkpoint, a run folder, a Hugging Face folder "
-                             "or a registry reference such as NAME@champion")
-        from lmops import registry
-
-        mv = registry.resolve(ws, cfg, ref)  # a typo fails now, with the reason
-        self.registered = mv.name
-        self.name = cfg.serve.served_model_name or mv.name
-        selector = re.split(r"[@/]", ref)[-1].strip()
-        self.movable = not _NUMBER.fullmatch(selector)
-
-    def version(self) -> str:
-        """The version the reference names now: a registry query (the file's hash for a path)."""
-        if self.path is not None:
-            return self._file_version()
-        from lmops import registry
-
-        return str(registry.resolve(self.ws, self.cfg, self.ref).version)
-
-    def load(self, version: str | None = None) -> ServedModel:
-        from lmops.checkpoint import Checkpoint
-        from lmops.train import resolve_device
-
-        device = resolve_device(self.cfg.train.device)
-        if self.path is None:
-            from lmops import registry
-
-            version = version or self.version()
-            ckpt = Checkpoint(registry.download_checkpoint(self.ws, self.cfg, f"{self.registered}@{version}"))
-            model, folder = ckpt.model(), ckpt.path.parent
-        else:
-            p = self.path
-            if p.is_dir() and (p / "config.json").is_file() and not (p / "ckpt.safetensors").is_file():
-                from lmops.hf import import_hf
-
-                model, folder = import_hf(p), p
-            else:
-                ckpt = Checkpoint(p)
-                model, folder = ckpt.model(), ckpt.path.parent
-            version = self._file_version()
-        tok = load_tokenizer(folder)
-        return ServedModel(model.to(device).eval(), tok, self.name, version, _eos_id(tok, folder))
-
-    def _file_version(self) -> str:
-        from lmops.tracking import file_sha256
-
-        p = self.path
-        if p.is_dir():
-            p = p / "ckpt.safetensors" if (p / "ckpt.safetensors").is_file() else p / "model.safetensors"
-        return file_sha256(p)[:12] if p.is_file() else "local"
-
-
-def _eos_id(tok: Tokenizer, folder: Path) -> int | None:
-    """End of text: lmops's <|endoftext|>, else the eos_token_id of a Hugging Face config.json."""
-    if (eot := tok.token_to_id(EOT)) is not None:
-        return eot
-    try:
-        eos = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError):
-        return None
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    return eos if isinstance(eos, int) else None
-
-
-# ----------------------------------------------------------------------------- text
-
-class Detokenizer:
-    """Token ids -> text, a piece per token, never a piece ending in half a character.
-
-    Byte-level BPE can split one character's UTF-8 bytes across tokens, and decoding those alone gives
-    U+FFFD. So each new token is decoded together with a few tokens before it, and text is released only
-    once it no longer ends in U+FFFD (as vLLM and Hugging Face's TextStreamer do). The context also keeps
-    the spaces that some decoders drop at the start of a sequence.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None):
-        self.tok = tokenizer
-        self.ids: list[int] = list(context or [])
-        self.prefix = max(0, len(self.ids) - 5)  # first token decoded with the new ones, for context
-        self.read = len(self.ids)  # tokens whose text was released
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def add(self, token_id: int) -> str:
-        """The text token_id completes ('' while a character is unfinished)."""
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if len(text) > len(before) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        """What is left at the end, broken characters included (the model did write them)."""
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(before):]
-
-
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """A token as logprobs show it: its text alone (U+FFFD for part of a character)."""
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def chat_turns(messages: list[ChatMessage], roles: dict[str, str]) -> list[tuple[str, str]]:
-    """(label, content) per message; the content of text parts joined."""
-    turns = []
-    for i, m in enumerate(messages):
-        if m.role not in roles:
-            raise APIError(400, f"messages[{i}].role '{m.role}' is not served; use one of {', '.join(roles)} "
-                           "(serve.chat_roles)", param=f"messages.{i}.role", code="invalid_value")
-        content = m.content
-        if isinstance(content, list):
-            if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are served",
-                               param=f"messages.{i}.content", code="invalid_value")
-            content = "".join(p["text"] for p in content)
-        turns.append((roles[m.role], content or ""))
-    return turns
-
-
-def render_chat(turns: list[tuple[str, str]], assistant: str) -> str:
-    """A transcript a model trained on plain text can continue: 'Label: content' lines, then 'Assistant:'."""
-    return "".join(f"{label}: {content}\n" for label, content in turns) + f"{assistant}:"
-
-
-# ----------------------------------------------------------------------------- metrics
-
-# vLLM's buckets, with smaller ones added: a small model on a CPU answers in milliseconds.
-TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
-
-
-class Metrics:
-    """Prometheus metrics, named as vLLM's where they mean the same, in a registry of this app's own
-    (several apps in one process, as in the tests, must not share counters)."""
-
-    def __init__(self, stats: Callable[[], tuple[int, int]]):
-        r = self.registry = CollectorRegistry()
-        self.ttft = Histogram("lmops:time_to_first_token_seconds", "From arrival at the engine to the first "
-                              "token.", buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("lmops:inter_token_latency_seconds", "Between consecutive output tokens, as the "
-                             "server receives them.", buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("lmops:e2e_request_latency_seconds", "From arrival at the engine to the last "
-                             "token.", buckets=E2E_BUCKETS, registry=r)
-        self.queue = Histogram("lmops:request_queue_time_seconds", "Waiting for a batch slot.",
-                               buckets=TTFT_BUCKETS, registry=r)
-        running = Gauge("lmops:num_requests_running", "Requests in the running batch.", registry=r)
-        waiting = Gauge("lmops:num_requests_waiting", "Requests waiting for a batch slot.", registry=r)
-        running.set_function(lambda: stats()[0])
-        waiting.set_function(lambda: stats()[1])
-        self.prompt_tokens = Counter("lmops:prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.generation_tokens = Counter("lmops:generation_tokens", "Tokens generated.", registry=r)
-        self.success = Counter("lmops:request_success", "Engine requests finished, by why.", ["finished_reason"],
-                               registry=r)
-        self.errors = Counter("lmops:request_errors", "Requests answered with an error, by its code.", ["reason"],
-                              registry=r)
-        self.moderation = Counter("lmops:moderation", "Moderation rules that found something.",
-                                  ["rule", "action", "direction"], registry=r)
-        self.reloads = Counter("lmops:model_reloads", "Swaps to the version a followed alias moved to.",
-                               ["result"], registry=r)
-
-    def moderated(self, m: Moderation, cfg: SafetyConfig, direction: str) -> None:
-        actions = {"pii": cfg.pii_action, "blocklist": cfg.blocklist_action, "injection": cfg.injection_action}
-        for rule in m.hits:
-            self.moderation.labels(rule, actions.get(rule, m.action), direction).inc()
-
-    def finished(self, h: RequestHandle, gaps: list[float]) -> None:
-        """A finished (or abandoned) engine request's timings and tokens."""
-        if h.queued_at is not None:
-            for value, metric in ((h.started_at, self.queue), (h.first_token_at, self.ttft),
-                                  (h.finished_at, self.e2e)):
-                if value is not None:
-                    metric.observe(max(0.0, value - h.queued_at))
-        for gap in gaps:
-            self.itl.observe(gap)
-        self.prompt_tokens.inc(h.prompt_tokens)
-        self.generation_tokens.inc(h.completion_tokens)
-
-
-# ----------------------------------------------------------------------------- one choice on its way out
-
-@dataclass
-class Piece:
-    """Text ready to send, with the token events it came from and where each token's text starts."""
-
-    text: str
-    events: list[TokenEvent]
-    offsets: list[int]
-
-
-@dataclass
-class Choice:
-    """One engine request's output on its way to the client: token events in, releasable text out.
-
-    In order: incremental decoding; stop sequences (cut the text, cancel the request); moderation of all
-    the text so far (block ends the choice with "content_filter", redact replaces PII); then text that a
-    later token could still change is held back (module docstring).
-    """
-
-    handle: RequestHandle | _Done
-    detok: Detokenizer
-    stops: list[str]
-    moderate: Callable[[str], Moderation] | None
-    holdback: int
-    lstrip: bool = False  # chat: drop the space a model writes after "Assistant:"
-    every: int = 1  # when moderated: release text once at least this many characters can go
-    raw: str = ""  # decoded text so far, cut at a stop sequence
-    sent: str = ""  # text released so far (moderated)
-    tokens: int = 0
-    finish_reason: str | None = None
-    moderation: Moderation | None = None  # the last verdict on the whole text
-    gaps: list[float] = field(default_factory=list)  # inter-token latencies
-
-    async def pieces(self) -> AsyncIterator[Piece]:
-        longest = max(map(len, self.stops), default=0)
-        events: list[TokenEvent] = []
-        offsets: list[int] = []
-        last = None
-        try:
-            async for batch in self.handle.batches():  # the tokens that arrived since the last look
-                now = time.perf_counter()
-                # tokens that arrive together share the wait since the last ones evenly (the first
-                # token has no gap before it)
-                if last is None:
-                    self.gaps.extend([0.0] * (len(batch) - 1))
-                else:
-                    self.gaps.extend([(now - last) / len(batch)] * len(batch))
-                last = now
-                stopped = False
-                for ev in batch:  # token by token up to a stop sequence: what follows it is dropped
-                    self.tokens += 1
-                    events.append(ev)
-                    offsets.append(len(self.raw))
-                    start = max(0, len(self.raw) - longest + 1)
-                    self.raw += self.detok.add(ev.token_id)
-                    if stopped := self._cut_at_stop(start):
-                        break
-                if stopped:
-                    break
-                text = self._release(final=False)
-                if self.finish_reason == "content_filter":
-                    break
-                if text or events[-1].logprob is not None:
-                    yield Piece(text, events, offsets)
-                    events, offsets = [], []
-            else:
-                start = max(0, len(self.raw) - longest + 1)
-                self.raw += self.detok.flush()
-                if not self._cut_at_stop(start):
-                    self.finish_reason = self.handle.finish_reason
-            text = self._release(final=True)
-            if text or events:
-                yield Piece(text, events, offsets)
-        finally:
-            self.handle.cancel()  # a stop sequence, the content filter, or a client that left; else a no-op
-
-    def _cut_at_stop(self, start: int) -> bool:
-        found = [i for i in (self.raw.find(s, start) for s in self.stops) if i != -1]
-        if found:
-            self.raw = self.raw[:min(found)]
-            self.finish_reason = "stop"
-        return bool(found)
-
-    def _release(self, final: bool) -> str:
-        text = self.raw.lstrip() if self.lstrip else self.raw
-        hold = 0 if final else max(max(map(len, self.stops), default=0) - 1, 0)
-        if self.moderate is not None:
-            if not final:
-                hold = max(hold, self.holdback)
-                if len(text) - hold < len(self.sent) + self.every:
-                    return ""  # too little could be released yet: spare the regexes
-            m = self.moderation = self.moderate(text)
-            if m.action == "block":
-                self.finish_reason = "content_filter"
-                return ""
-            text = m.text
-        # A redaction reaching back into text already sent cannot unsend it: send what follows.
-        new = text[len(self.sent):max(len(self.sent), len(text) - hold)]
-        self.sent += new
-        return new
-
-
-class _Done:
-    """A request with nothing to generate (max_tokens 0): an empty stream, finished before it began."""
-
-    finish_reason = "length"
-    completion_tokens = 0
-    queued_at = started_at = first_token_at = finished_at = None
-
-    def __init__(self, prompt_tokens: int):
-        self.prompt_tokens = prompt_tokens
-
-    async def batches(self) -> AsyncIterator[list[TokenEvent]]:
-        """An empty stream (RequestHandle.batches' shape)."""
-        for _ in ():
-            yield []
-
-    def cancel(self) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------- middleware
-
-class BodyLimit:
-    """413 for a body over max_bytes: at once from Content-Length, else while a chunked body comes in.
-    Bodies are small JSON, so it is read here whole and replayed to the app."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, on_error: Callable[[APIError], None]):
-        self.app, self.max_bytes, self.on_error = app, max_bytes, on_error
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        too_large = length.isdigit() and int(length) > self.max_bytes
-        chunks, size, more = [], 0, True
-        while more and not too_large:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                break  # the client left; the app sees that from receive
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            more, too_large = msg.get("more_body", False), size > self.max_bytes
-        if too_large:
-            err = APIError(413, f"the request body is over {self.max_bytes} bytes (serve.max_body_bytes)",
-                           code="request_too_large")
-            self.on_error(err)
-            response = JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})
-            return await response(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-class RequestLog:
-    """A request-log row per inference request, written when its response has ended (a stream's too),
-    whatever its status. Handlers fill the row in through request.scope["lmops.row"]."""
-
-    def __init__(self, app: ASGIApp, write: Callable[[dict], Any]):
-        self.app, self.write = app, write
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in INFERENCE_PATHS:
-            return await self.app(scope, receive, send)
-        row: dict[str, Any] = {"ts": utcnow(), "request_id": uuid.uuid4().hex, "endpoint": scope["path"]}
-        scope["lmops.row"] = row
-        start = time.perf_counter()
-
-        async def send_status(msg: Message) -> None:
-            if msg["type"] == "http.response.start":
-                row["status_code"] = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            row.setdefault("status_code", 500)
-            row["latency_s"] = time.perf_counter() - start
-            try:
-                self.write({k: v for k, v in row.items() if k in REQUEST_FIELDS})
-            except Exception:  # the log must never fail a request
-                log.exception("request log: could not queue a row")
 
 
 class EventStream(StreamingResponse):
@@ -691,7 +166,7 @@ class Server:
                            headers={"Retry-After": "1"})
         return self.served, self.engine
 
-    def begin(self, body: _Sampling, request: Request, key) -> tuple[ServedModel, Engine, dict]:
+    def begin(self, body: SamplingFields, request: Request, key) -> tuple[ServedModel, Engine, dict]:
         """Checks common to both endpoints; the request-log row, started."""
         row = request.scope.get("lmops.row", {})
         row["key_id"] = getattr(key, "id", None)
@@ -765,9 +240,9 @@ class Server:
                            code="context_length_exceeded")
         return text, ids
 
-    def submit(self, engine: Engine, ids: list[int], params: SamplingParams) -> RequestHandle | _Done:
+    def submit(self, engine: Engine, ids: list[int], params: SamplingParams) -> RequestHandle | Done:
         if params.max_tokens == 0:
-            return _Done(len(ids))
+            return Done(len(ids))
         try:
             return engine.submit(ids, params)
         except QueueFull:
@@ -777,7 +252,7 @@ class Server:
             raise APIError(503, "the server is shutting down; retry", "service_unavailable",
                            code="shutting_down", headers={"Retry-After": "1"}) from None
 
-    def sampling(self, body: _Sampling, served: ServedModel, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, body: SamplingFields, served: ServedModel, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                               top_k=body.top_k if body.top_k > 0 else None, top_p=body.top_p, seed=body.seed,
                               logprobs=logprobs,
@@ -846,7 +321,7 @@ class Server:
         echoes = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for _, ids in prompts]
         scored = [None] * len(prompts)
         if body.echo and top_n is not None:
-            scored = [_prompt_logprobs(tok, ids, await asyncio.to_thread(engine.score, ids, top_n))
+            scored = [prompt_logprobs(tok, ids, await asyncio.to_thread(engine.score, ids, top_n))
                       for _, ids in prompts]
         params = self.sampling(body, served, max_tokens, top_n)
         handles: list = []
@@ -864,7 +339,7 @@ class Server:
         def logprobs(i: int, pieces: list[Piece]) -> dict | None:
             if top_n is None:
                 return None
-            out = _completion_logprobs(tok, pieces, len(echoes[i]))
+            out = completion_logprobs(tok, pieces, len(echoes[i]))
             return out if scored[i] is None else {k: scored[i][k] + out[k] for k in out}
 
         def usage() -> dict:
@@ -895,7 +370,7 @@ class Server:
                     offset = len(echoes[i])
                     async for piece in c.pieces():
                         yield chunk(i, piece.text, None if top_n is None else
-                                    _completion_logprobs(tok, [piece], offset))
+                                    completion_logprobs(tok, [piece], offset))
                     if c.finish_reason == "error":
                         yield _sse(_engine_error(c).body())
                         break
@@ -937,7 +412,7 @@ class Server:
             finally:
                 self.finish([c], row, text)
             _raise_engine_error([c])
-            lp = None if top_n is None else {"content": _chat_logprobs(tok, pieces)}
+            lp = None if top_n is None else {"content": chat_logprobs(tok, pieces)}
             return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": c.sent},
                                          "logprobs": lp, "finish_reason": c.finish_reason}], "usage": usage()}
 
@@ -952,7 +427,7 @@ class Server:
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for piece in c.pieces():
-                    yield chunk({"content": piece.text}, None if top_n is None else _chat_logprobs(tok, [piece]))
+                    yield chunk({"content": piece.text}, None if top_n is None else chat_logprobs(tok, [piece]))
                 if c.finish_reason == "error":
                     yield _sse(_engine_error(c).body())
                 else:
@@ -1107,45 +582,6 @@ def _raise_engine_error(choices: list[Choice]) -> None:
     for c in choices:
         if c.finish_reason == "error":
             raise _engine_error(c)
-
-
-def _finite(x: float | None) -> float | None:
-    """JSON has no infinity: an impossible token's log-probability (-inf) becomes -9999, as OpenAI's."""
-    return x if x is None or math.isfinite(x) else -9999.0
-
-
-def _prompt_logprobs(tok: Tokenizer, ids: list[int], scored: list) -> dict:
-    """OpenAI's completions logprobs of the prompt (echo): None at the first token, which has no context."""
-    detok, pos = Detokenizer(tok), 0
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for tid, (lp, top) in zip(ids, scored):
-        out["tokens"].append(token_text(tok, tid))
-        out["token_logprobs"].append(_finite(lp))
-        out["top_logprobs"].append(None if top is None else {token_text(tok, t): _finite(v) for t, v in top.items()})
-        out["text_offset"].append(pos)
-        pos += len(detok.add(tid))
-    return out
-
-
-def _completion_logprobs(tok: Tokenizer, pieces: list[Piece], offset: int) -> dict:
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for piece in pieces:
-        for ev, at in zip(piece.events, piece.offsets):
-            out["tokens"].append(token_text(tok, ev.token_id))
-            out["token_logprobs"].append(_finite(ev.logprob))
-            out["top_logprobs"].append({token_text(tok, t): _finite(v) for t, v in (ev.top_logprobs or {}).items()})
-            out["text_offset"].append(offset + at)
-    return out
-
-
-def _chat_logprobs(tok: Tokenizer, pieces: list[Piece]) -> list[dict]:
-    def entry(tid: int, lp: float | None) -> dict:
-        text = token_text(tok, tid)
-        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
-
-    return [{**entry(ev.token_id, ev.logprob),
-             "top_logprobs": [entry(t, v) for t, v in (ev.top_logprobs or {}).items()]}
-            for piece in pieces for ev in piece.events]
 
 
 # ----------------------------------------------------------------------------- serve

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import exc
 
 from lmops.store import Store, request_row
+from lmops.util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ def _refused(err: BaseException) -> bool:
     if isinstance(err, (exc.IntegrityError, exc.DataError)):
         return True
     return isinstance(err, exc.StatementError) and not isinstance(err, exc.DBAPIError)  # a value that won't bind
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 class RequestLogger:
@@ -184,7 +180,7 @@ class RequestLogger:
             return self.store.log_requests(rows), 0
         except Exception as err:  # noqa: BLE001 - the writer thread must survive any database error
             if not _refused(err):
-                log.warning("request log: writing %d rows failed (%s); kept, retrying", len(rows), _first_line(err))
+                log.warning("request log: writing %d rows failed (%s); kept, retrying", len(rows), first_line(err))
                 return 0, 0
         written = refused = 0
         for row in rows:  # find the rows the database refuses, keep the others
@@ -192,9 +188,9 @@ class RequestLogger:
                 written += self.store.log_requests([row])
             except Exception as err:  # noqa: BLE001
                 if not _refused(err):  # the database went away meanwhile: retry from this row on
-                    log.warning("request log: writing rows failed (%s); kept, retrying", _first_line(err))
+                    log.warning("request log: writing rows failed (%s); kept, retrying", first_line(err))
                     break
                 refused += 1
                 log.warning("request log: dropped request %s, refused by the database (%s)",
-                            row.get("request_id"), _first_line(err))
+                            row.get("request_id"), first_line(err))
         return written, refused

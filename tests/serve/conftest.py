@@ -28,7 +28,8 @@ import uvicorn
 from lmops.checkpoint import save_checkpoint
 from lmops.config import override
 from lmops.model import GPT, GPTConfig
-from lmops.serve.app import ModelSource, create_app
+from lmops.serve.app import create_app
+from lmops.serve.source import ModelSource
 from lmops.store import Store
 from lmops.tokenizer import EOT, save_tokenizer, train_tokenizer
 from lmops.workspace import init_workspace

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmops.checkpoint import Checkpoint
 from lmops.errors import LmopsError
 from lmops.model import GPT
-from lmops.serve.app import Detokenizer
+from lmops.serve.output import Detokenizer
 from lmops.store import utcnow
 from lmops.tokenizer import EOT, train_tokenizer
 
@@ -199,7 +199,7 @@ def test_same_seed_same_text(client):
 
 def test_model_source_reads_checkpoints_and_hugging_face_folders(env, model_dir, tmp_path):
     from lmops.hf import export_hf
-    from lmops.serve.app import ModelSource
+    from lmops.serve.source import ModelSource
 
     cfg = env.config()
     lmops = ModelSource(None, cfg, str(model_dir / "ckpt.safetensors")).load()
@@ -227,7 +227,7 @@ def test_detokenizer_never_splits_a_character():
 
 
 def test_a_late_batch_of_tokens_is_sent_as_one_piece_and_cut_at_a_stop_sequence():
-    from lmops.serve.app import Choice
+    from lmops.serve.output import Choice
     from lmops.serve.engine import TokenEvent
 
     tok = train_tokenizer(["hello world, " * 20], "bpe", vocab_size=280, min_frequency=2)
@@ -257,7 +257,7 @@ def test_a_late_batch_of_tokens_is_sent_as_one_piece_and_cut_at_a_stop_sequence(
 
 def test_a_moderated_stream_releases_text_in_steps_and_all_of_it_at_the_end():
     from lmops.safety import Moderation
-    from lmops.serve.app import Choice
+    from lmops.serve.output import Choice
     from lmops.serve.engine import TokenEvent
 
     tok = train_tokenizer(["hello world, write to me@example.com soon. " * 20], "bpe", vocab_size=300, min_frequency=2)
@@ -381,7 +381,7 @@ def test_api_keys_roles_and_probes(main, env):
 def test_both_runtimes_serve_the_same_completion_and_one_that_cannot_says_why(env, main):
     from dataclasses import replace
 
-    from lmops.serve.app import ModelSource
+    from lmops.serve.source import ModelSource
 
     body = {"model": "tiny", "prompt": "the cat", "max_tokens": 12, "temperature": 0, "logprobs": 2}
     torch_server = env.start(*FAST, "serve.runtime=torch")
@@ -407,7 +407,7 @@ def test_both_runtimes_serve_the_same_completion_and_one_that_cannot_says_why(en
 
 
 def test_ready_only_once_the_model_is_loaded(env):
-    from lmops.serve.app import ModelSource
+    from lmops.serve.source import ModelSource
 
     class Gated(ModelSource):  # loading waits for the test's go
         go = threading.Event()
