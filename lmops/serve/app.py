@@ -29,8 +29,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +70,17 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+
+
+@dataclass(frozen=True)
+class Format:
+    """The fields of a choice that differ between completions and chat: of a whole answer's choice, of a
+    stream's opening chunk (None: none), of a piece's chunk, of the closing chunk."""
+
+    whole: Callable[[int, Choice, list[Piece]], dict]
+    opening: Callable[[int], dict | None]
+    delta: Callable[[int, Piece], dict]
+    closing: Callable[[int], dict]
 
 
 # ----------------------------------------------------------------------------- the server
@@ -324,17 +336,7 @@ class Server:
             scored = [prompt_logprobs(tok, ids, await asyncio.to_thread(engine.score, ids, top_n))
                       for _, ids in prompts]
         params = self.sampling(body, served, max_tokens, top_n)
-        handles: list = []
-        try:
-            for _, ids in prompts:
-                handles.append(self.submit(engine, ids, params))
-        except APIError:
-            for h in handles:
-                h.cancel()
-            raise
-        choices = [self.choice(h, served, ids, stops) for h, (_, ids) in zip(handles, prompts)]
-        head = {"id": f"cmpl-{row.get('request_id', uuid.uuid4().hex)}", "object": "text_completion",
-                "created": int(time.time()), "model": served.name, "system_fingerprint": served.fingerprint}
+        choices = self.submit_all(engine, served, [ids for _, ids in prompts], params, stops)
 
         def logprobs(i: int, pieces: list[Piece]) -> dict | None:
             if top_n is None:
@@ -342,49 +344,21 @@ class Server:
             out = completion_logprobs(tok, pieces, len(echoes[i]))
             return out if scored[i] is None else {k: scored[i][k] + out[k] for k in out}
 
-        def usage() -> dict:
-            p, c = sum(len(ids) for _, ids in prompts), sum(ch.tokens for ch in choices)
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        def whole(i: int, c: Choice, pieces: list[Piece]) -> dict:
+            return {"text": echoes[i] + c.sent, "logprobs": logprobs(i, pieces)}
 
-        if not body.stream:
-            try:
-                outs = await self.collect(choices, request)
-            finally:
-                self.finish(choices, row, row["prompt"])
-            _raise_engine_error(choices)
-            out = [{"index": i, "text": echoes[i] + c.sent, "logprobs": logprobs(i, pieces),
-                    "finish_reason": c.finish_reason} for i, (c, pieces) in enumerate(zip(choices, outs))]
-            return {**head, "choices": out, "usage": usage()}
+        def opening(i: int) -> dict | None:
+            return {"text": echoes[i], "logprobs": scored[i]} if body.echo else None
 
-        with_usage = {"usage": None} if body.stream_options and body.stream_options.include_usage else {}
+        def delta(i: int, piece: Piece) -> dict:
+            return {"text": piece.text, "logprobs": None if top_n is None else
+                    completion_logprobs(tok, [piece], len(echoes[i]))}
 
-        def chunk(i: int, text: str, lp: dict | None = None, finish_reason: str | None = None) -> str:
-            return _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                              "finish_reason": finish_reason}], **with_usage})
+        def closing(i: int) -> dict:
+            return {"text": "", "logprobs": None}
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                for i, c in enumerate(choices):  # all run in the engine at once; sent one after another
-                    if body.echo:
-                        yield chunk(i, echoes[i], scored[i])
-                    offset = len(echoes[i])
-                    async for piece in c.pieces():
-                        yield chunk(i, piece.text, None if top_n is None else
-                                    completion_logprobs(tok, [piece], offset))
-                    if c.finish_reason == "error":
-                        yield _sse(_engine_error(c).body())
-                        break
-                    yield chunk(i, "", finish_reason=c.finish_reason)
-                else:
-                    if with_usage:
-                        yield _sse({**head, "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
-            finally:
-                for c in choices:
-                    c.handle.cancel()
-                self.finish(choices, row, row["prompt"])
-
-        return EventStream(events())
+        return await self.answer(body, request, row, served, "cmpl", "text_completion", choices,
+                                 Format(whole, opening, delta, closing))
 
     async def chat(self, body: ChatCompletionRequest, request: Request, key) -> dict | EventStream:
         served, engine, row = self.begin(body, request, key)
@@ -397,47 +371,90 @@ class Server:
         text, ids = self.encode(served, text, row, param="messages", moderated=True)
         row["prompt"] = text
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        c = self.choice(self.submit(engine, ids, self.sampling(body, served, max_tokens, top_n)), served, ids, stops,
-                        lstrip=True)
+        choices = self.submit_all(engine, served, [ids], self.sampling(body, served, max_tokens, top_n), stops,
+                                  lstrip=True)
         tok = served.tokenizer
-        head = {"id": f"chatcmpl-{row.get('request_id', uuid.uuid4().hex)}", "object": "chat.completion",
+
+        def logprobs(pieces: list[Piece]) -> dict | None:
+            return None if top_n is None else {"content": chat_logprobs(tok, pieces)}
+
+        def whole(i: int, c: Choice, pieces: list[Piece]) -> dict:
+            return {"message": {"role": "assistant", "content": c.sent}, "logprobs": logprobs(pieces)}
+
+        def opening(i: int) -> dict:
+            return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+
+        def delta(i: int, piece: Piece) -> dict:
+            return {"delta": {"content": piece.text}, "logprobs": logprobs([piece])}
+
+        def closing(i: int) -> dict:
+            return {"delta": {}, "logprobs": None}
+
+        return await self.answer(body, request, row, served, "chatcmpl", "chat.completion", choices,
+                                 Format(whole, opening, delta, closing))
+
+    # ------------------------------------------------------------------------- one answer, whole or streamed
+
+    def submit_all(self, engine: Engine, served: ServedModel, prompts: list[list[int]], params: SamplingParams,
+                   stops: list[str], lstrip: bool = False) -> list[Choice]:
+        """A choice per prompt, all submitted at once so they batch; none if one is refused (429, 503)."""
+        handles: list = []
+        try:
+            for ids in prompts:
+                handles.append(self.submit(engine, ids, params))
+        except APIError:
+            for h in handles:
+                h.cancel()
+            raise
+        return [self.choice(h, served, ids, stops, lstrip) for h, ids in zip(handles, prompts)]
+
+    async def answer(self, body: SamplingFields, request: Request, row: dict, served: ServedModel, id_prefix: str,
+                     obj: str, choices: list[Choice], fmt: Format) -> dict | EventStream:
+        """The response of either endpoint: one JSON body, or a stream of chunks (each choice's opening
+        chunk, its pieces, its closing chunk with the finish_reason, one after another; the usage chunk
+        when asked for; [DONE]). fmt gives what differs between the endpoints: the fields of a choice."""
+        head = {"id": f"{id_prefix}-{row.get('request_id', uuid.uuid4().hex)}", "object": obj,
                 "created": int(time.time()), "model": served.name, "system_fingerprint": served.fingerprint}
+        prompt = row.get("prompt", "")
 
         def usage() -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": c.tokens, "total_tokens": len(ids) + c.tokens}
+            p, c = sum(ch.handle.prompt_tokens for ch in choices), sum(ch.tokens for ch in choices)
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
         if not body.stream:
             try:
-                (pieces,) = await self.collect([c], request)
+                outs = await self.collect(choices, request)
             finally:
-                self.finish([c], row, text)
-            _raise_engine_error([c])
-            lp = None if top_n is None else {"content": chat_logprobs(tok, pieces)}
-            return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": c.sent},
-                                         "logprobs": lp, "finish_reason": c.finish_reason}], "usage": usage()}
+                self.finish(choices, row, prompt)
+            _raise_engine_error(choices)
+            return {**head, "choices": [{"index": i, **fmt.whole(i, c, pieces), "finish_reason": c.finish_reason}
+                                        for i, (c, pieces) in enumerate(zip(choices, outs))], "usage": usage()}
 
-        head["object"] = "chat.completion.chunk"
+        head["object"] = f"{obj}.chunk" if obj == "chat.completion" else obj
         with_usage = {"usage": None} if body.stream_options and body.stream_options.include_usage else {}
 
-        def chunk(delta: dict, lp: list | None = None, finish_reason: str | None = None) -> str:
-            return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None if lp is None else
-                                              {"content": lp}, "finish_reason": finish_reason}], **with_usage})
+        def chunk(i: int, fields: dict, finish_reason: str | None = None) -> str:
+            return _sse({**head, "choices": [{"index": i, **fields, "finish_reason": finish_reason}], **with_usage})
 
         async def events() -> AsyncIterator[str]:
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for piece in c.pieces():
-                    yield chunk({"content": piece.text}, None if top_n is None else chat_logprobs(tok, [piece]))
-                if c.finish_reason == "error":
-                    yield _sse(_engine_error(c).body())
+                for i, c in enumerate(choices):  # all run in the engine at once; sent one after another
+                    if (first := fmt.opening(i)) is not None:
+                        yield chunk(i, first)
+                    async for piece in c.pieces():
+                        yield chunk(i, fmt.delta(i, piece))
+                    if c.finish_reason == "error":
+                        yield _sse(_engine_error(c).body())
+                        break
+                    yield chunk(i, fmt.closing(i), c.finish_reason)
                 else:
-                    yield chunk({}, finish_reason=c.finish_reason)
                     if with_usage:
                         yield _sse({**head, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
             finally:
-                c.handle.cancel()
-                self.finish([c], row, text)
+                for c in choices:
+                    c.handle.cancel()
+                self.finish(choices, row, prompt)
 
         return EventStream(events())
 
