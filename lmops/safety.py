@@ -22,7 +22,6 @@ too much (Luhn for card numbers, `ipaddress` for IPv6). Choices a reader could m
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -63,7 +62,9 @@ INJECTION_RULES: dict[str, list[str]] = {
     "exfiltration": [  # "send the conversation to https://...", a markdown image whose URL carries data
         r"\b(?:send|post|upload|forward|transmit|exfiltrate|leak|email)\b[^\n]{0,80}?\bto\s+"
         r"(?:https?://|ftp://|[\w.+-]+@[\w-]+\.)",
-        r"!\[[^\]\n]*\]\(https?://[^)\s]*\?[^)\s]*=",
+        # alt text without "[" and a URL without "!" before its "?...=": a run of "![x](http://..." is then
+        # read once, not once per image (any "?" followed by "=" would read the rest of the run again)
+        r"!\[[^\[\]\n]*\]\(https?://[^)\s?!]*\?[^)\s=!]*=",
     ],
 }
 
@@ -73,20 +74,20 @@ PLACEHOLDERS = {kind: f"[{kind.upper()}]" for kind in PII_KINDS}
 # Overlapping findings: the longest wins; at equal length, the earlier kind here (the more specific).
 PRIORITY = {"secret": 0, "credit_card": 1, "email": 2, "ip": 3, "phone": 4}
 
-# The word before an assignment's ':' or '=' that makes its value a secret (see _is_assigned_secret).
-_SECRET_NAME = re.compile(
-    r"(?i)\b(?:api[_-]?key|apikey|api[_-]?secret|secret[_-]?key|client[_-]?secret|access[_-]?key|access[_-]?token|"
-    r"auth[_-]?token|bearer|token|secret|password|passwd|pwd)[\"']?[ \t]*\Z"
+# A secret-sounding name, ':' or '=', and its value (group 1; see _is_assigned_secret). The name comes
+# first in the pattern, so only an assignment to such a name is read at all: in
+# "url=https://x/?token=abc123xyz" the value of url (no secret) is never read, that of token is. The value
+# is consumed, so a run of assignments ("password=password=...") is read once, not once per separator.
+_ASSIGNED_VALUE = re.compile(
+    r"\b(?i:api[_-]?key|apikey|api[_-]?secret|secret[_-]?key|client[_-]?secret|access[_-]?key|access[_-]?token|"
+    r"auth[_-]?token|bearer|token|secret|password|passwd|pwd)[\"']?[ \t]*[:=][ \t]*[\"']?([^\s\"',;&]{8,})"
 )
-# Only the separator is consumed, the value is looked ahead at: in "url=https://x/?token=abc123xyz" the
-# value of url (no secret) must not swallow the value of token (a secret).
-_ASSIGNED_VALUE = re.compile(r"[:=](?=[ \t]*[\"']?([^\s\"',;&]{8,}))")
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")  # octets checked by _is_ipv4
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?(?![\w:])")
 _PHONE = re.compile(
     r"(?<![\w.+/-])(?:"
-    r"(?:\+|\b00)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]\d{2,5}){1,5}|\+\d{9,15}"  # international
+    r"(?:\+|\b00)[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,5}(?:[ .-]\d{2,5}){1,5}|\+[1-9]\d{8,14}"  # international
     r"|(?:\b1[ .-])?(?:\(\d{3}\)[ ]?|\b\d{3}[.-])\d{3}[ .-]\d{4}|\b\d{3} \d{3} \d{4}"  # US
     r"|\b0\d{1,4}(?:[ /-]\d{2,8}){1,4}"  # national, with trunk 0 (most of Europe, UK)
     r")(?![\w]|[.-]\d)"
@@ -133,8 +134,32 @@ def _is_ipv6(m: re.Match) -> bool:
 def _is_assigned_secret(m: re.Match) -> bool:
     """A long or non-alphabetic value after a secret-sounding name: `api_key = "..."`, `password: ...`."""
     value = m.group(1)
-    named = _SECRET_NAME.search(m.string, max(0, m.start() - 40), m.start())
-    return named is not None and (len(value) >= 16 or not value.isalpha())
+    return len(value) >= 16 or not value.isalpha()
+
+
+def _has_digit(m: re.Match) -> bool:
+    return any(ch.isdigit() for ch in m.group())
+
+
+class _PrivateKeyBlocks:
+    """PEM and PGP private key blocks, BEGIN line to END line. As one regex (BEGIN, lazily anything, END)
+    every BEGIN without an END after it would read the rest of the text: many of them, quadratic time.
+    Here a BEGIN is looked at only while an END follows somewhere, so the text is read about twice."""
+
+    _LABEL = r"[A-Z0-9 ]{0,40}PRIVATE KEY[A-Z ]{0,20}-----"  # bounded: real labels are a few words
+    pattern = rf"-----BEGIN {_LABEL}.*?-----END {_LABEL}"
+    _begin = re.compile(rf"-----BEGIN {_LABEL}")
+    _end = re.compile(rf"-----END {_LABEL}")
+    _block = re.compile(pattern, re.DOTALL)
+
+    def finditer(self, text: str) -> Iterable[re.Match]:
+        pos = 0
+        while (begin := self._begin.search(text, pos)) is not None:
+            if self._end.search(text, begin.end()) is None:
+                return  # no END after this BEGIN, so none after any later one either
+            m = self._block.match(text, begin.start())
+            yield m
+            pos = m.end()
 
 
 _DIGIT = re.compile(r"\d")
@@ -155,14 +180,12 @@ def _holds(*needles: str) -> Callable[[str, int], bool]:
 # that no text with a finding fails, so most texts skip most patterns: prose rarely holds the 9 digits
 # a phone number needs, and the phone pattern alone cost half of moderating a completion.
 _RULES: list[tuple[str, Callable[[str, int], bool], re.Pattern, int, Callable[[re.Match], bool] | None]] = [
-    ("secret", _holds("PRIVATE KEY"),  # PEM and PGP private key blocks
-     re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----.*?-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----", re.DOTALL),
-     0, None),
+    ("secret", _holds("PRIVATE KEY"), _PrivateKeyBlocks(), 0, None),  # PEM and PGP private key blocks
     ("secret", _holds("AKIA", "ASIA"), re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), 0, None),  # AWS access key id
     ("secret", _holds("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),  # GitHub tokens
      re.compile(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}\b|\bgithub_pat_[A-Za-z0-9_]{22,255}\b"), 0, None),
     ("secret", _holds("sk-"),  # OpenAI-style keys (with at least one digit: "sk-" words in prose have none)
-     re.compile(r"\bsk-(?:proj-|svcacct-|admin-|ant-)?(?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{20,}"), 0, None),
+     re.compile(r"\bsk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_-]{20,}"), 0, _has_digit),
     ("secret", _holds("xox"), re.compile(r"\bxox[baprs]-[A-Za-z0-9-]{10,}"), 0, None),  # Slack
     ("secret", _holds("AIza"), re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), 0, None),  # Google API key
     ("secret", _holds("eyJ"),  # JWT: base64url JSON header and payload, then a signature
@@ -203,14 +226,13 @@ def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
             if check is None or check(m):
                 candidates.append(Finding(kind, m.start(group), m.end(group)))
     candidates.sort(key=lambda f: (f.start - f.end, PRIORITY[f.kind], f.start))
-    starts: list[int] = []  # kept findings, sorted by start and never overlapping each other
-    kept: list[Finding] = []
+    taken = bytearray(len(text))  # 1 where a kept finding is; findings of one pattern never overlap, so
+    kept: list[Finding] = []  # marking and checking read each character a few times at most
     for f in candidates:
-        i = bisect.bisect_left(starts, f.start)
-        if i > 0 and kept[i - 1].end > f.start or i < len(kept) and kept[i].start < f.end:
-            continue
-        starts.insert(i, f.start)
-        kept.insert(i, f)
+        if taken.find(1, f.start, f.end) == -1:
+            taken[f.start:f.end] = b"\x01" * (f.end - f.start)
+            kept.append(f)
+    kept.sort(key=lambda f: f.start)
     return kept
 
 
