@@ -33,7 +33,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp) / "ws"
         lmops("init", str(ws))
-        from lmops.data.corpus import write_demo_corpus
+        from lmops.data.demo import write_demo_corpus
 
         write_demo_corpus(ws / "corpus")
         cfg = ws / "lmops.yaml"  # SMALL goes into lmops.yaml, so the re-run is a plain `lmops pipeline run`

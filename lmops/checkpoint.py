@@ -19,8 +19,10 @@ from safetensors.torch import save_file
 
 from lmops.errors import LmopsError
 from lmops.model import GPT, GPTConfig
+from lmops.util import remove_stale_temps, temp_name
 
 FORMAT = "lmops-checkpoint-1"
+CKPT_NAME = "ckpt.safetensors"  # a run folder's checkpoint; a registered model's weights-only one too
 
 
 def _model_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -50,7 +52,8 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | N
     metadata["meta"] = json.dumps(meta or {})
     tensors = {k: v.cpu() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temps(path.parent, f".{path.name}.tmp-")  # a writer killed mid-write left its half file
+    tmp = path.with_name(temp_name(f".{path.name}.tmp-"))
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
@@ -76,7 +79,7 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         if self.path.is_dir():
-            self.path = self.path / "ckpt.safetensors"
+            self.path = self.path / CKPT_NAME
         if not self.path.is_file():
             raise LmopsError(f"{self.path}: no checkpoint here; train one with `lmops train`")
         try:

@@ -15,7 +15,7 @@ from lmops.errors import LmopsError
 
 app = typer.Typer(
     help="lmops: a language model from raw text to a monitored endpoint.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True, pretty_exceptions_enable=False,
 )
 tokenizer_app = typer.Typer(help="Train a tokenizer and encode the corpus into token shards.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -39,6 +39,26 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config key for this command, e.g. --set train.max_steps=500 (repeatable)."),
 ]
 RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name: its checkpoints live in .lmops/runs/RUN.")]
+ModelRunOpt = Annotated[Optional[str], typer.Option("--run", "-r", help="A run of .lmops/runs/; default: the champion, else the run trained last.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"lmops {version('lmops')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+):
+    """lmops: a language model from raw text to a monitored endpoint.
+
+    Start with `lmops quickstart`, or `lmops init DIR` for a workspace of your own. Shell completion:
+    `lmops --install-completion`.
+    """
 
 
 def friendly(fn):
@@ -90,22 +110,13 @@ def init(
 @tokenizer_app.command("train")
 @friendly
 def tokenizer_train(workspace: WorkspaceOpt = None, set_: SetOpt = None):
-    """Train the tokenizer set in lmops.yaml (tokenizer.kind: char or bpe) on the corpus."""
-    from lmops.data.prepare import ensure_tokenizer
+    """Train the tokenizer of lmops.yaml (tokenizer.kind: char or bpe) on the training split of the
+    corpus's dataset version (ingested first if the corpus changed) and encode both splits; cached."""
+    from lmops.pipeline import prepare_data
 
     ws, cfg = _workspace_and_config(workspace, set_)
-    ensure_tokenizer(ws, cfg, force=True, log=log)
-
-
-@tokenizer_app.command("encode")
-@friendly
-def tokenizer_encode(workspace: WorkspaceOpt = None, set_: SetOpt = None):
-    """Encode the corpus into train/val token shards (numpy memmap files); skipped when nothing changed."""
-    from lmops.data.prepare import prepare
-
-    ws, cfg = _workspace_and_config(workspace, set_)
-    out = prepare(ws, cfg, log=log)
-    log(f"token shards current in {out}")
+    data = prepare_data(ws, cfg, progress=sys.stderr.isatty(), log=log)
+    log(f"dataset {data['dataset'][:12]}: tokenizer and token shards in {data['tokens_dir']}")
 
 
 @app.command()
@@ -118,58 +129,49 @@ def train(
     stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (resume later); the schedule still spans train.max_steps.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
-    """Train the model in lmops.yaml on the corpus: tokenizer and shards are prepared first if needed.
+    """Train the model of lmops.yaml on the corpus's dataset version.
 
-    Data-parallel on several processes: torchrun --standalone --nproc_per_node 2 --no-python lmops train
+    The corpus (data.corpus) is ingested into a dataset version when it changed, validated and
+    tokenized first; each of these is cached, so a second `lmops train` starts training at once.
+    The MLflow run records the dataset as its input.
+
+    Data-parallel on several processes: torchrun --standalone --nproc_per_node 2 -m lmops train
     """
-    from lmops.data.prepare import prepare
-    from lmops.train import train as run_training
-
-    from lmops import tracking
-    from lmops.train import update_run_info
+    from lmops import stages
+    from lmops.errors import Interrupted
 
     ws, cfg = _workspace_and_config(workspace, set_)
-    tokens = prepare(ws, cfg, log=log) if _is_main_process() else ws.tokens_dir
-    _barrier_if_distributed()
-    with tracking.start_training_run(ws, cfg, None, ws.tokenizer_path, run, resume=resume, log=log) as tracked:
-        result = run_training(cfg, tokens, ws.run_dir(run), ws.tokenizer_path.parent, resume=resume, stop_at=stop_at,
-                              progress=progress and sys.stderr.isatty(), log=log, on_metrics=tracked.log_row)
-        if _is_main_process():
-            tracked.log_checkpoint(result.checkpoint)
-            update_run_info(ws.run_dir(run), mlflow_run_id=tracked.run_id)
-    if _is_main_process():
+    show = progress and sys.stderr.isatty()
+    data = _data_on_every_rank(ws, cfg, show)
+    try:
+        result = stages.train(ws, cfg, data, ws.run_dir(run), resume=resume, stop_at=stop_at, progress=show, log=log)
+    except Interrupted as err:
+        raise LmopsError(f"{err}; continue with `lmops train --run {run} --resume`") from None
+    if stages.is_main_process():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         log(f"step {result.step}: {metrics}\ncheckpoint: {result.checkpoint}")
 
 
-def _is_main_process() -> bool:
-    import os
+def _data_on_every_rank(ws, cfg, progress: bool) -> dict:
+    """prepare_data on the main process; under torchrun the others wait for it and get its outputs."""
+    from lmops.pipeline import prepare_data
+    from lmops.train import resolve_device, setup_distributed
 
-    return os.environ.get("RANK", "0") == "0"
+    ddp = setup_distributed(resolve_device(cfg.train.device).type)
+    if ddp.world == 1:
+        return prepare_data(ws, cfg, progress=progress, log=log)
+    import torch.distributed as dist
 
-
-def _barrier_if_distributed() -> None:
-    """Under torchrun, other ranks wait while rank 0 prepares the shards."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        from lmops.train import resolve_device
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if resolve_device("auto").type == "cuda" else "gloo")
-        dist.barrier()
-
-
-def _latest_run(ws) -> str:
-    """The run whose checkpoint was written last: what `lmops evaluate` and `register` act on by default."""
-    from lmops.train import CKPT_NAME
-
-    runs = sorted(ws.runs_dir.glob(f"*/{CKPT_NAME}"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise LmopsError(f"no trained run in {ws.runs_dir}; run `lmops train` or `lmops pipeline run`")
-    return runs[-1].parent.name
+    box: list = [None]
+    if ddp.main:
+        try:
+            box[0] = prepare_data(ws, cfg, progress=progress, log=log)
+        except LmopsError as err:
+            box[0] = {"error": str(err)}
+    dist.broadcast_object_list(box, src=0)
+    if "error" in box[0]:
+        raise LmopsError(box[0]["error"])
+    return box[0]
 
 
 def _audit_as_me(store):
@@ -191,14 +193,11 @@ def evaluate(
     Results go to the run's MLflow run and .lmops/runs/RUN/evaluation.json; the gates of lmops.yaml
     (evaluate.gates) are checked against the current champion: exits 1 if one fails.
     """
-    from lmops.checkpoint import Checkpoint
-    from lmops.pipeline import evaluate_run
-    from lmops.train import CKPT_NAME
+    from lmops import stages
 
     ws, cfg = _workspace_and_config(workspace, set_)
-    run_dir = ws.run_dir(run or _latest_run(ws))
-    tokens_dir = Path(Checkpoint(run_dir / CKPT_NAME).meta.get("tokens_dir", ws.tokens_dir))
-    out = evaluate_run(ws, cfg, run_dir, tokens_dir)
+    run_dir = stages.run_folder(ws, run)
+    out = stages.evaluate(ws, cfg, run_dir)
     r = out["results"]
     log(f"{run_dir.name}: val loss {r['val_loss']:.4f}, ppl {r['val_ppl']:.2f}, bpb {r['val_bpb']:.4f}, "
         f"safety {r['safety_pass_rate']:.0%}, decode {r['decode_tokens_per_s']:,.0f} tok/s, {r['n_params']:,} parameters")
@@ -214,11 +213,11 @@ def register(
     run: Annotated[Optional[str], typer.Option("--run", "-r", help="Evaluated run to register; default: the latest trained run.")] = None,
 ):
     """Register an evaluated run as a new model version, tagged with its lineage and gate verdict; alias challenger."""
-    from lmops.pipeline import register_run
+    from lmops import stages
 
     ws, cfg, store = _store(workspace)
     with store:
-        version = register_run(ws, cfg, ws.run_dir(run or _latest_run(ws)), _audit_as_me(store))
+        version = stages.register(ws, cfg, stages.run_folder(ws, run), _audit_as_me(store))
     log(f"registered {cfg.registry.model_name} version {version} (alias challenger)")
 
 
@@ -230,11 +229,11 @@ def promote(
     force_reason: Annotated[Optional[str], typer.Option(help="Promote despite failed gates; the reason goes to the audit log.")] = None,
 ):
     """Move the champion alias to a version whose gates pass (and approved, when registry.require_approval)."""
-    from lmops import registry
+    from lmops import stages
 
     ws, cfg, store = _store(workspace)
     with store:
-        version = registry.promote(ws, cfg, ref, audit=_audit_as_me(store), force_reason=force_reason)
+        version = stages.promote(ws, cfg, ref, _audit_as_me(store), force_reason=force_reason)
     log(f"{cfg.registry.model_name} version {version} is champion")
 
 
@@ -273,8 +272,8 @@ def lineage(
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")] = "\n",
     workspace: WorkspaceOpt = None,
-    run: RunOpt = "main",
-    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint file or run folder; default: the run's.")] = None,
+    run: ModelRunOpt = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint file or run folder instead of a run of the workspace.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy; higher is more random.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample among the k likeliest tokens only.")] = 200,
@@ -282,14 +281,16 @@ def generate(
     seed: Annotated[int, typer.Option(help="Same seed, same text.")] = 1337,
     num_samples: Annotated[int, typer.Option(min=1, help="Independent samples to draw.")] = 1,
 ):
-    """Sample text from a trained checkpoint."""
+    """Sample text from the champion, a run or a checkpoint."""
     from lmops.sample import generate_text
 
     path = checkpoint
     if path is None:
-        from lmops.workspace import find_workspace
+        from lmops import stages
 
-        path = find_workspace(workspace).run_dir(run)
+        ws, cfg = _workspace_and_config(workspace, None)
+        path, what = stages.model_checkpoint(ws, cfg, run)
+        log(f"[dim]sampling from {what}[/]")
     for i, text in enumerate(generate_text(path, prompt, max_tokens, temperature, top_k, top_p, seed, num_samples)):
         if num_samples > 1:
             typer.echo(f"--- sample {i + 1}")
@@ -301,18 +302,18 @@ def generate(
 def export(
     out: Annotated[Path, typer.Argument(help="Folder to write (must be new or empty).")],
     workspace: WorkspaceOpt = None,
-    run: RunOpt = "main",
+    run: ModelRunOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty folder.")] = False,
 ):
-    """Export a run's model as a Hugging Face LlamaForCausalLM folder (config, safetensors, tokenizer)."""
+    """Export the champion (or a run) as a Hugging Face LlamaForCausalLM folder (config, safetensors, tokenizer)."""
+    from lmops import stages
     from lmops.checkpoint import Checkpoint
     from lmops.hf import export_hf
-    from lmops.workspace import find_workspace
 
-    run_dir = find_workspace(workspace).run_dir(run)
-    model = Checkpoint(run_dir).model()
-    path = export_hf(model, out, tokenizer_dir=run_dir, overwrite=overwrite)
-    log(f"exported to {path}; load with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    ws, cfg = _workspace_and_config(workspace, None)
+    ckpt, what = stages.model_checkpoint(ws, cfg, run)
+    path = export_hf(Checkpoint(ckpt).model(), out, tokenizer_dir=ckpt.parent, overwrite=overwrite)
+    log(f"exported {what} to {path}; load with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 
 
 @app.command("import")
@@ -323,9 +324,8 @@ def import_(
     run: RunOpt = "imported",
 ):
     """Import a Hugging Face Llama model as a run checkpoint (then `lmops generate --run RUN`)."""
-    from lmops.checkpoint import save_checkpoint
+    from lmops.checkpoint import CKPT_NAME, save_checkpoint
     from lmops.hf import import_hf
-    from lmops.train import CKPT_NAME
     from lmops.workspace import find_workspace
 
     run_dir = find_workspace(workspace).run_dir(run)
@@ -349,17 +349,16 @@ def data_ingest(
     Prints the validation report; exits 1 when a gate of lmops.yaml fails (data.min_documents,
     data.max_duplicate_ratio). Bad files are quarantined in .lmops/quarantine/ with the reason.
     """
-    from lmops.data.ingest import check_gates
-    from lmops.pipeline import ingest_dataset
+    from lmops import stages
     from lmops.store import default_actor
 
     ws, cfg, store = _store(workspace, set_)
     with store:
-        version = ingest_dataset(ws, cfg, store, default_actor(), sources, progress=sys.stderr.isatty())
+        version = stages.ingest(ws, cfg, store, default_actor(), sources, progress=sys.stderr.isatty())
     totals = version.manifest["totals"]
     log(f"dataset {version.short_id}: {totals['documents']} documents ({totals['train']['documents']} train, "
         f"{totals['val']['documents']} validation), {totals['chars']:,} characters -> {version.path}")
-    failures = check_gates(version.report, cfg.data)
+    failures = stages.gate_failures(version, cfg)
     if failures:
         raise LmopsError("data gates failed: " + "; ".join(failures))
 
@@ -367,18 +366,22 @@ def data_ingest(
 @data_app.command("list")
 @friendly
 def data_list(workspace: WorkspaceOpt = None):
-    """Dataset versions, oldest first."""
+    """Dataset versions, oldest first, each with its verdict on the data gates of lmops.yaml."""
     from rich.table import Table
 
+    from lmops import stages
     from lmops.data.dataset import list_datasets
-    from lmops.workspace import find_workspace
 
-    table = Table("dataset", "created (UTC)", "documents", "train", "val", "characters", "parent")
-    for v in list_datasets(find_workspace(workspace).state):
+    ws, cfg = _workspace_and_config(workspace, None)
+    table = Table("dataset", "created (UTC)", "documents", "train", "val", "characters", "parent", "gates")
+    for v in list_datasets(ws.state):
         t = v.manifest["totals"]
+        failed = stages.gate_failures(v, cfg)
         table.add_row(v.short_id, v.manifest.get("created_at", "")[:19].replace("T", " "), str(t["documents"]),
                       str(t["train"]["documents"]), str(t["val"]["documents"]), f"{t['chars']:,}",
-                      (v.manifest.get("parent") or "")[:12])
+                      (v.manifest.get("parent") or "")[:12],
+                      f"[red]FAILED[/] ({failed[0]}{f' and {len(failed) - 1} more' if len(failed) > 1 else ''})"
+                      if failed else "passed")
     console.print(table)
 
 
@@ -443,11 +446,15 @@ def pipeline_list(workspace: WorkspaceOpt = None, limit: Annotated[int, typer.Op
 
     _, _, store = _store(workspace)
     with store:
-        table = Table("run", "started", "by", "status", "steps (* = cached)", "seconds")
+        alive = store.lock_holder_alive()
+        table = Table("run", "started", "by", "status", "steps (* = cached, ! = not succeeded)", "seconds")
         for run in store.list_pipeline_runs(limit):
             steps = " ".join(f"{st.name}{'*' if st.cached else ''}{'' if st.status == 'succeeded' else '!'}" for st in run.steps)
             took = f"{run.duration_s:.1f}" if run.duration_s is not None else ""
-            table.add_row(str(run.id), f"{run.started_at:%Y-%m-%d %H:%M:%S}", run.started_by, run.status, steps, took)
+            status = run.status
+            if status == "running" and not alive:  # the next run marks it failed
+                status = "[red]gone[/] (its process died)"
+            table.add_row(str(run.id), f"{run.started_at:%Y-%m-%d %H:%M:%S}", run.started_by, status, steps, took)
         console.print(table)
 
 
@@ -598,7 +605,7 @@ def quickstart(
     champion. Run it again: every step is cached.
     """
     from lmops.config import Config, override
-    from lmops.data.corpus import write_demo_corpus
+    from lmops.data.demo import write_demo_corpus
     from lmops.pipeline import run_pipeline
     from lmops.sample import generate_text
     from lmops.workspace import CONFIG_FILE, Workspace, init_workspace

@@ -28,13 +28,20 @@ class DataConfig(Section):
         default_factory=lambda: ["corpus"],
         description="Files, folders or globs, relative to the workspace: .txt/.md (a document per file), "
         ".jsonl/.csv/.parquet (a document per row), and gzip of these. 'corpus' is the folder `lmops init` "
-        "creates. (`lmops train` alone reads the .txt/.md files.)",
+        "creates.",
     )
     val_fraction: float = Field(
         0.1, gt=0, lt=1,
         description="Share held out for validation: 10%, enough for a stable loss estimate on small corpora. "
-        "Datasets split by document hash (adding documents never moves old ones); `lmops train` alone "
-        "holds out the tail of the text, as nanoGPT's shakespeare_char.",
+        "A document goes whole to the side its hash says (adding documents never moves old ones), unless it "
+        "is longer than data.split_within_chars.",
+    )
+    split_within_chars: int = Field(
+        32_768, ge=2,
+        description="A document longer than this is split inside itself: its last val_fraction (cut at a "
+        "line break) is validation, the rest training, as nanoGPT's shakespeare_char splits its one file. "
+        "A book in one file would otherwise land whole on one side; past ~8K tokens one document holds "
+        "enough text for both. The cut depends on the text alone, so it is as stable as the hash split.",
     )
     text_field: str = Field(
         "text",

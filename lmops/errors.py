@@ -7,3 +7,7 @@ LmopsError; the CLI prints its message and exits 1. Anything else is a bug and k
 
 class LmopsError(Exception):
     pass
+
+
+class Interrupted(LmopsError):
+    """Ctrl-C stopped training after it saved a checkpoint; the caller says how to continue."""

@@ -14,35 +14,27 @@ costs little more than hashing the corpus.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lmops import stages
 from lmops.config import Config
 from lmops.errors import LmopsError
+from lmops.util import first_line, sha256_file, sha256_json
 from lmops.workspace import Workspace
 
+ABANDONED = "its process is gone (killed or crashed) while the run was in progress"
 STEPS = ("ingest", "validate", "tokenize", "train", "evaluate", "register", "promote")
 NEEDS = {"validate": "ingest", "tokenize": "ingest", "train": "tokenize", "evaluate": "train", "register": "evaluate",
          "promote": "register"}
 
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 # The modules each step runs: a change to them (or to the pipeline and the config schema, which
 # every step depends on) invalidates that step's cache, and only that step's.
 CODE = {
-    "ingest": ["data/ingest.py", "data/dataset.py", "data/corpus.py", "safety.py"],
+    "ingest": ["data/ingest.py", "data/dataset.py", "safety.py"],
     "validate": ["data/ingest.py"],
     "tokenize": ["tokenizer.py", "data/dataset.py"],
     "train": ["model.py", "train.py", "checkpoint.py", "tracking.py"],
@@ -56,8 +48,8 @@ CODE = {
 def code_version(step: str) -> str:
     """Hash of the lmops sources a step runs."""
     root = Path(__file__).parent
-    files = ["pipeline.py", "config.py", *CODE[step]]
-    return _sha256_json([(f, _sha256_file(root / f)) for f in files])
+    files = ["pipeline.py", "stages.py", "config.py", "util.py", *CODE[step]]
+    return sha256_json([(f, sha256_file(root / f)) for f in files])
 
 
 def _source_fingerprint(ws: Workspace, sources: list[str]) -> list:
@@ -65,7 +57,7 @@ def _source_fingerprint(ws: Workspace, sources: list[str]) -> list:
     from lmops.data.ingest import source_files
 
     files, _ = source_files(sources, ws.root, exclude=ws.state)
-    return [(str(p), p.stat().st_size, _sha256_file(p)) for p in files]
+    return [(str(p), p.stat().st_size, sha256_file(p)) for p in files]
 
 
 @dataclass
@@ -89,7 +81,7 @@ class Context:
 # ----------------------------------------------------------------------------- keys: what each step reads
 
 def _key(ctx: Context, name: str, *parts) -> str:
-    return _sha256_json([name, code_version(name), *parts])
+    return sha256_json([name, code_version(name), *parts])
 
 
 DATA_GATES = {"min_documents", "max_duplicate_ratio"}  # read by validate only, not by ingest
@@ -111,133 +103,51 @@ def _outputs_present(name: str, outputs: dict) -> bool:
     return all(Path(outputs.get(p, "")).exists() for p in paths)
 
 
-# ----------------------------------------------------------------------------- steps: what each step does
-
-def ingest_dataset(ws: Workspace, cfg: Config, store, actor: str, sources: list[str] | None = None,
-                   progress: bool = False):
-    """Ingest sources (default data.corpus) into a dataset version, recorded in the store and the audit
-    log; the terminal gets the validation report. Returns the DatasetVersion."""
-    from rich.console import Console
-
-    from lmops.data.dataset import write_dataset
-    from lmops.data.ingest import ingest, render_report
-
-    result = ingest(sources or cfg.data.corpus, cfg.data, cfg.safety, ws.root, ws.state, progress=progress)
-    Console(stderr=True).print(render_report(result.report))
-    previous = store.list_datasets()
-    version = write_dataset(result.documents, result.report, ws.state, cfg.data.val_fraction,
-                            parent=previous[-1].id if previous else None)
-    known = {d.id for d in previous}
-    n = version.manifest["totals"]["documents"]
-    store.add_dataset(version.id, version.short_id, str(version.path), version.manifest.get("parent"), n, actor,
-                      {k: result.report[k] for k in ("documents_in", "documents_out", "duplicate_ratio", "pii")})
-    if version.id not in known:
-        store.audit(actor, "dataset.created", f"dataset:{version.short_id}", {"id": version.id, "documents": n})
-    return version
-
+# ----------------------------------------------------------------------------- steps: lmops/stages.py with their outputs
 
 def step_ingest(ctx: Context) -> dict:
-    version = ingest_dataset(ctx.ws, ctx.cfg, ctx.store, ctx.actor, progress=ctx.progress)
+    version = stages.ingest(ctx.ws, ctx.cfg, ctx.store, ctx.actor, progress=ctx.progress)
     return {"dataset": version.id, "path": str(version.path)}
 
 
 def step_validate(ctx: Context) -> dict:
-    from lmops.data.dataset import load_dataset
-    from lmops.data.ingest import check_gates
-
-    version = load_dataset(ctx.ws.state, ctx.outputs["ingest"]["dataset"])
-    report = json.loads((version.path / "report.json").read_text())
-    failures = check_gates(report, ctx.cfg.data)
-    if failures:
-        raise LmopsError("data gates failed: " + "; ".join(failures))
-    return {"dataset": version.id, "gates": "passed"}
+    stages.validate(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"])
+    return {"dataset": ctx.outputs["ingest"]["dataset"], "gates": "passed"}
 
 
 def step_tokenize(ctx: Context) -> dict:
-    from lmops.data.dataset import iter_documents, load_dataset
-    from lmops.tokenizer import EOT, encode_splits, save_tokenizer, train_tokenizer
-
-    version = load_dataset(ctx.ws.state, ctx.outputs["ingest"]["dataset"])
-    texts = {split: [text for _, text in iter_documents(version, split)] for split in ("train", "val")}
-    if not texts["val"]:
-        raise LmopsError(f"dataset {version.short_id} has no validation documents; add documents or raise data.val_fraction")
-    tc = ctx.cfg.tokenizer
-    tok = train_tokenizer(texts["train"], tc.kind, tc.vocab_size, tc.min_frequency)
     out = ctx.ws.state / "pipeline" / "tokenize" / ctx.keys["tokenize"][:16]
-    save_tokenizer(tok, out)
-    meta = encode_splits(tok, {s: EOT.join(t) for s, t in texts.items()}, out)
-    ctx.log(f"tokenizer: {meta['vocab_size']} tokens; {meta['train_tokens']:,} training and {meta['val_tokens']:,} "
-            "validation tokens")
-    return {"tokens_dir": str(out), "tokenizer_dir": str(out), "tokenizer_sha256": meta["tokenizer_sha256"]}
+    return stages.tokenize(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], out, log=ctx.log)
 
 
 def step_train(ctx: Context) -> dict:
-    from lmops import tracking
-    from lmops.train import train, update_run_info
+    """Train in a run folder named by the step's key: a run of the same key that was interrupted (Ctrl-C,
+    a crash) left a checkpoint there with the same data and config, so it is resumed, exactly."""
+    from lmops.checkpoint import CKPT_NAME, Checkpoint
+    from lmops.train import read_run_info
 
-    tok = ctx.outputs["tokenize"]
     run_dir = ctx.ws.runs_dir / f"pipeline-{ctx.keys['train'][:12]}"
-    with tracking.start_training_run(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], Path(tok["tokenizer_dir"]) / "tokenizer.json",
-                                     run_dir.name) as run:
-        result = train(ctx.cfg, Path(tok["tokens_dir"]), run_dir, Path(tok["tokenizer_dir"]), progress=ctx.progress,
-                       log=ctx.log, on_metrics=run.log_row)
-        tracking.log_checkpoint(run.run_id, result.checkpoint)
-    update_run_info(run_dir, mlflow_run_id=run.run_id, dataset=ctx.outputs["ingest"]["dataset"])
-    return {"checkpoint": str(result.checkpoint), "run_dir": str(run_dir), "mlflow_run_id": run.run_id,
-            "metrics": result.metrics}
+    ckpt = run_dir / CKPT_NAME
+    resume = ckpt.is_file() and Checkpoint(ckpt).meta.get("step", 0) < ctx.cfg.train.max_steps
+    result = stages.train(ctx.ws, ctx.cfg, ctx.outputs["tokenize"], run_dir, resume=resume, progress=ctx.progress,
+                          log=ctx.log)
+
+    return {"checkpoint": str(result.checkpoint), "run_dir": str(run_dir),
+            "mlflow_run_id": read_run_info(run_dir)["mlflow_run_id"], "metrics": result.metrics}
 
 
 def step_evaluate(ctx: Context) -> dict:
-    tr = ctx.outputs["train"]
-    return evaluate_run(ctx.ws, ctx.cfg, Path(tr["run_dir"]), Path(ctx.outputs["tokenize"]["tokens_dir"]))
-
-
-def evaluate_run(ws: Workspace, cfg: Config, run_dir: Path, tokens_dir: Path) -> dict:
-    """Evaluate a run's checkpoint, log it to the run's MLflow run, check the gates against the
-    champion; the terminal gets the gate table, run_dir/evaluation.json the whole result."""
-    from rich.console import Console
-
-    from lmops import evaluate, registry, tracking
-    from lmops.train import CKPT_NAME, read_run_info, update_run_info
-
-    tracking.configure(ws, cfg)
-    results = evaluate.evaluate_checkpoint(run_dir / CKPT_NAME, tokens_dir, cfg)
-    evaluate.log_evaluation(read_run_info(run_dir).get("mlflow_run_id"), results)
-    gates = evaluate.check_gates(results, cfg.evaluate.gates, registry.champion_metrics(ws, cfg))
-    Console(stderr=True).print(evaluate.render_gates(gates))
-    out = {"results": results, "gates": [g.__dict__ for g in gates], "passed": all(g.passed for g in gates)}
-    (run_dir / "evaluation.json").write_text(json.dumps(out, indent=2, default=str))
-    update_run_info(run_dir, evaluated=True)
-    return out
+    return stages.evaluate(ctx.ws, ctx.cfg, Path(ctx.outputs["train"]["run_dir"]))
 
 
 def step_register(ctx: Context) -> dict:
-    from lmops import registry
-
-    version = register_run(ctx.ws, ctx.cfg, Path(ctx.outputs["train"]["run_dir"]), ctx.audit)
+    version = stages.register(ctx.ws, ctx.cfg, Path(ctx.outputs["train"]["run_dir"]), ctx.audit)
     ctx.log(f"registered {ctx.cfg.registry.model_name} version {version} (alias challenger)")
     return {"version": str(version)}
 
 
-def register_run(ws: Workspace, cfg: Config, run_dir: Path, audit) -> str:
-    """Register an evaluated run's checkpoint as a new model version (alias challenger)."""
-    from lmops import registry
-    from lmops.train import CKPT_NAME, read_run_info
-
-    info = read_run_info(run_dir)
-    evaluation = run_dir / "evaluation.json"
-    if "mlflow_run_id" not in info or not evaluation.exists():
-        raise LmopsError(f"{run_dir}: not a tracked, evaluated run; train it with `lmops train` and "
-                         f"`lmops evaluate --run {run_dir.name}` first")
-    ev = json.loads(evaluation.read_text())
-    return str(registry.register(ws, cfg, info["mlflow_run_id"], run_dir / CKPT_NAME, ev["results"], ev["gates"],
-                                 info.get("dataset"), audit=audit))
-
-
 def step_promote(ctx: Context) -> dict:
-    from lmops import registry
-
-    version = registry.promote(ctx.ws, ctx.cfg, ref=ctx.outputs["register"]["version"], audit=ctx.audit)
+    version = stages.promote(ctx.ws, ctx.cfg, ctx.outputs["register"]["version"], ctx.audit)
     ctx.log(f"promoted {ctx.cfg.registry.model_name} version {version} to champion")
     return {"champion": str(version)}
 
@@ -259,10 +169,15 @@ class PipelineResult:
 
 
 def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print) -> PipelineResult:
+                 log: Callable[[str], None] = print, steps: list[str] | None = None) -> PipelineResult:
+    """Run steps (default pipeline.steps) in order, each skipped while its cache key finds outputs.
+
+    Every step ends marked in the store, whatever stops it (an error, a bug, Ctrl-C); a run whose
+    process was killed outright stays 'running' until the next run, which marks it failed.
+    """
     from lmops.store import Store, default_actor
 
-    steps = list(cfg.pipeline.steps)
+    steps = list(cfg.pipeline.steps if steps is None else steps)
     for i, name in enumerate(steps):
         if name in NEEDS and NEEDS[name] not in steps[:i]:
             raise LmopsError(f"pipeline.steps: '{name}' needs '{NEEDS[name]}' before it")
@@ -270,8 +185,10 @@ def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progr
         raise LmopsError(f"--from {from_step}: not a step of this pipeline ({', '.join(steps)})")
     store = Store.for_workspace(ws, cfg)
     ctx = Context(ws, cfg, store, log, progress, default_actor())
-    with store.pipeline_lock():
-        run = store.start_pipeline_run(_sha256_json(cfg.to_dict()), ctx.actor)
+    with store, store.pipeline_lock():
+        for gone in store.close_abandoned_runs(ABANDONED):  # we hold the lock: no other run is alive
+            log(f"[yellow]pipeline run {gone} was left running by a process that is gone: marked failed[/]")
+        run = store.start_pipeline_run(sha256_json(cfg.to_dict()), ctx.actor)
         ran, cached = [], []
         for name in steps:
             t0 = time.perf_counter()
@@ -289,14 +206,28 @@ def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progr
             step = store.start_step(run.id, name, key)
             try:
                 ctx.outputs[name] = RUN[name](ctx)
-            except (LmopsError, KeyboardInterrupt) as err:
-                message = str(err) or "interrupted"
+            except BaseException as err:
+                known = isinstance(err, (LmopsError, KeyboardInterrupt))
+                message = (str(err) or "interrupted") if known else f"{type(err).__name__}: {first_line(err)}"
                 store.finish_step(step.id, "failed", {}, error=message)
                 store.finish_pipeline_run(run.id, "failed", error=f"{name}: {message}")
+                if not known:
+                    raise  # a bug: its traceback matters more than advice
                 raise LmopsError(f"pipeline step '{name}' failed: {message}; earlier steps are kept: fix it and run "
-                                 f"`lmops pipeline run` again (done steps are skipped)") from None
+                                 f"`lmops pipeline run` again (done steps are skipped"
+                                 + (", training resumes from its checkpoint)" if name == "train" else ")")) from None
             store.finish_step(step.id, "succeeded", ctx.outputs[name])
             ran.append(name)
             log(f"{name:9} done in {time.perf_counter() - t0:.1f} s")
         store.finish_pipeline_run(run.id, "succeeded")
     return PipelineResult(run.id, ran, cached, ctx.outputs)
+
+
+DATA_STEPS = ("ingest", "validate", "tokenize")
+
+
+def prepare_data(ws: Workspace, cfg: Config, progress: bool = False, log: Callable[[str], None] = print) -> dict:
+    """The dataset version of data.corpus as it is now, validated and tokenized (each step cached like
+    the pipeline's, and recorded as a pipeline run): what `lmops train` trains on. Returns the tokenize
+    step's outputs (dataset, tokens_dir, tokenizer_dir)."""
+    return run_pipeline(ws, cfg, progress=progress, log=log, steps=list(DATA_STEPS)).outputs["tokenize"]

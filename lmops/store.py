@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
 
 from lmops.errors import LmopsError
+from lmops.util import canonical_json, first_line, pid_alive
 
 if TYPE_CHECKING:
     from lmops.config import Config
@@ -71,11 +72,6 @@ def default_actor() -> str:
         return getpass.getuser()
     except OSError:  # a container uid with no passwd entry
         return f"uid-{os.getuid()}"
-
-
-def canonical_json(obj: Any) -> str:
-    """One text per value (sorted keys, no spaces), so a hash over it is reproducible anywhere."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
 
 
 def mask_url(url: str | URL) -> str:
@@ -396,21 +392,6 @@ def _audit(row: AuditRow) -> AuditEntry:
                       row.reason, row.prev_hash, row.hash)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 # ---------------------------------------------------------------------------------------------- engine
 
 
@@ -489,13 +470,13 @@ class Store:
         except exc.DBAPIError as err:
             engine.dispose()
             raise LmopsError(
-                f"cannot open the metadata store at {shown} ({_first_line(err.orig)}); check store.database_url "
+                f"cannot open the metadata store at {shown} ({first_line(err.orig)}); check store.database_url "
                 "in lmops.yaml"
             ) from None
         except CommandError as err:
             engine.dispose()
             raise LmopsError(
-                f"the metadata store at {shown} has a schema this lmops does not know ({_first_line(err)}); "
+                f"the metadata store at {shown} has a schema this lmops does not know ({first_line(err)}); "
                 "upgrade lmops"
             ) from None
         return cls(engine)
@@ -593,6 +574,19 @@ class Store:
             row.duration_s = (row.finished_at - row.started_at).total_seconds()
         return self.get_pipeline_run(run_id)
 
+    def close_abandoned_runs(self, error: str) -> list[int]:
+        """Mark every run still 'running' (and its running steps) failed with error; return their ids.
+        For the holder of the pipeline lock: with it held, no other run can be alive."""
+        with self._sessions.begin() as s:
+            runs = list(s.scalars(select(PipelineRunRow).where(PipelineRunRow.status == "running")))
+            now = utcnow()
+            for row in runs:
+                for step in s.scalars(select(StepRunRow).where(StepRunRow.run_id == row.id,
+                                                               StepRunRow.status == "running")):
+                    step.status, step.error, step.finished_at = "failed", error, now
+                row.status, row.error, row.finished_at = "failed", error, now
+            return [row.id for row in runs]
+
     def start_step(self, run_id: int, name: str, cache_key: str) -> StepRun:
         with self._sessions.begin() as s:
             self._get(s, PipelineRunRow, run_id, "pipeline run")
@@ -671,7 +665,7 @@ class Store:
                 if row is None:  # released in between
                     continue
                 other = _lock(row)
-                if other.host != host or _pid_alive(other.pid):
+                if other.host != host or pid_alive(other.pid):
                     break
                 s.execute(delete(LockRow).where(LockRow.name == name, LockRow.pid == other.pid,
                                                 LockRow.host == other.host))
@@ -687,6 +681,12 @@ class Store:
         with self._sessions.begin() as s:
             row = s.get(LockRow, name)
             return _lock(row) if row else None
+
+    def lock_holder_alive(self, name: str = "pipeline") -> bool:
+        """Whether lock `name` is held by a process that still exists (one on another host is taken
+        to: this host cannot tell)."""
+        holder = self.lock_holder(name)
+        return holder is not None and (holder.host != socket.gethostname() or pid_alive(holder.pid))
 
     def break_lock(self, name: str = "pipeline") -> LockHolder | None:
         """Remove lock `name` whoever holds it (its holder died on another host); returns who held it."""

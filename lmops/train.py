@@ -21,12 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmops.checkpoint import Checkpoint, save_checkpoint
+from lmops.checkpoint import CKPT_NAME, Checkpoint, save_checkpoint
 from lmops.config import Config
-from lmops.errors import LmopsError
+from lmops.errors import Interrupted, LmopsError
 from lmops.model import GPT, GPTConfig
 
-CKPT_NAME = "ckpt.safetensors"
 RUN_INFO = "run.json"  # beside the checkpoint: the run's MLflow id, dataset, evaluation
 
 
@@ -330,7 +329,7 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
             dist.barrier()
     except KeyboardInterrupt:
         checkpoint(step)
-        raise LmopsError(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with `lmops train --resume`") from None
+        raise Interrupted(f"interrupted at step {step}; checkpoint saved to {ckpt_path}") from None
     finally:
         if metrics_out is not None:
             metrics_out.close()

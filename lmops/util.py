@@ -6,8 +6,12 @@ way everywhere (a second, slightly different canonical form would give the same 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +39,36 @@ def first_line(err: BaseException) -> str:
     text = getattr(err, "message", None) or str(err)
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with that id exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_name(prefix: str) -> str:
+    """A temporary file or folder name that says which process made it: `{prefix}{pid}-{random}`, so a
+    later process can tell a crashed writer's leftovers (remove_stale_temps) from a live writer's."""
+    return f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def remove_stale_temps(folder: Path, prefix: str) -> list[Path]:
+    """Delete what temp_name(prefix) made in folder for processes that are gone (killed mid-write);
+    return what was removed. Entries of live processes, and names not of that form, are left alone."""
+    removed = []
+    for entry in Path(folder).glob(f"{glob.escape(prefix)}*"):
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

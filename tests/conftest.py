@@ -3,7 +3,7 @@
 import pytest
 
 from lmops.config import override
-from lmops.data.corpus import demo_corpus
+from lmops.data.demo import demo_corpus
 from lmops.workspace import init_workspace
 
 TINY = [
@@ -29,3 +29,11 @@ def tiny_sets():
 @pytest.fixture
 def tiny_config(workspace):
     return override(workspace.config(), TINY)
+
+
+def tokenized(ws, cfg) -> dict:
+    """The workspace corpus as a dataset version, validated and tokenized (what `lmops train` trains on):
+    the tokenize step's outputs (dataset, tokens_dir, tokenizer_dir)."""
+    from lmops.pipeline import prepare_data
+
+    return prepare_data(ws, cfg, log=lambda m: None)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.main import get_command
@@ -52,7 +53,8 @@ def test_train_and_generate_from_the_workspace_folder(workspace, tiny_sets):
 
 def test_workspace_from_env_and_clear_errors(tmp_path, workspace):
     proc = lmops("tokenizer", "train", env={"LMOPS_WORKSPACE": str(workspace.root)}, cwd=tmp_path)
-    assert (workspace.tokenizer_path).exists()
+    tokens = proc.stderr.split("tokenizer and token shards in ")[1].split()[0]
+    assert {"tokenizer.json", "train.bin", "val.bin"} <= {p.name for p in Path(tokens).iterdir()}
     proc = lmops("train", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "no lmops.yaml" in proc.stderr and "Traceback" not in proc.stderr
     (workspace.config_path).write_text("train:\n  max_step: 3\n")
@@ -89,7 +91,7 @@ def test_export_then_import_round_trip(workspace, tiny_sets, tmp_path):
     lmops("export", str(tmp_path / "hf"), "-w", str(workspace.root))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     lmops("import", str(tmp_path / "hf"), "-w", str(workspace.root), "-r", "back")
-    a = lmops("generate", "The", "--temperature", "0", "--max-tokens", "12", "-w", str(workspace.root)).stdout
+    a = lmops("generate", "The", "--temperature", "0", "--max-tokens", "12", "-w", str(workspace.root), "-r", "main").stdout
     b = lmops("generate", "The", "--temperature", "0", "--max-tokens", "12", "-w", str(workspace.root), "-r", "back").stdout
     assert a == b
 

@@ -1,18 +1,18 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, tokenized
 from mlflow import MlflowClient
 from rich.console import Console
 
 from lmops import evaluate, tracking
 from lmops.checkpoint import Checkpoint
 from lmops.config import override
-from lmops.data.corpus import demo_corpus
-from lmops.data.prepare import prepare
+from lmops.data.demo import demo_corpus
 from lmops.errors import LmopsError
 from lmops.evaluate import check_gates, cut_at_stop, distinct_n, output_checks, parse_gate, render_gates
 from lmops.tokenizer import load_meta, load_tokenizer, load_tokens
@@ -25,8 +25,9 @@ def trained(tmp_path_factory):
     ws = init_workspace(tmp_path_factory.mktemp("evaluate") / "ws")
     (ws.root / "corpus" / "docs.txt").write_text(demo_corpus()[:60_000], encoding="utf-8")
     cfg = override(ws.config(), TINY + ["evaluate.max_new_tokens=24"])
-    tokens = prepare(ws, cfg, log=lambda m: None)
-    result = train(cfg, tokens, ws.run_dir("main"), ws.tokenizer_path.parent, progress=False, log=lambda m: None)
+    data = tokenized(ws, cfg)
+    tokens = Path(data["tokens_dir"])
+    result = train(cfg, tokens, ws.run_dir("main"), tokens, progress=False, log=lambda m: None)
     return ws, cfg, tokens, result.checkpoint
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from lmops.config import override
-from lmops.data.corpus import demo_documents
+from lmops.data.demo import demo_documents
 from lmops.errors import LmopsError
 from lmops.pipeline import STEPS, run_pipeline
 from lmops.store import Store

@@ -6,13 +6,14 @@ import sys
 
 import pytest
 import torch
+from conftest import tokenized
 
 from lmops import checkpoint as checkpoint_module
 from lmops.checkpoint import Checkpoint
 from lmops.config import override
-from lmops.data.prepare import prepare
 from lmops.errors import LmopsError
 from lmops.train import lr_at, train
+from pathlib import Path
 
 
 def weights(path):
@@ -20,8 +21,9 @@ def weights(path):
 
 
 def run(ws, cfg, name, **kw):
-    tokens = prepare(ws, cfg, log=lambda m: None)
-    return train(cfg, tokens, ws.run_dir(name), ws.tokenizer_path.parent, progress=False, log=lambda m: None, **kw)
+    data = tokenized(ws, cfg)
+    return train(cfg, Path(data["tokens_dir"]), ws.run_dir(name), Path(data["tokenizer_dir"]), progress=False,
+                 log=lambda m: None, **kw)
 
 
 def test_resume_continues_exactly(workspace, tiny_config):
@@ -63,7 +65,7 @@ def test_resume_with_incompatible_config_names_the_key(workspace, tiny_config):
 def test_corpus_shorter_than_a_context_window(workspace, tiny_config):
     (workspace.root / "corpus" / "docs.txt").write_text("tiny corpus " * 4)
     with pytest.raises(LmopsError, match="block_size=32"):
-        run(workspace, tiny_config, "main")
+        run(workspace, override(tiny_config, ["data.split_within_chars=20"]), "main")  # both sides get some text
 
 
 def test_full_disk_during_checkpoint_keeps_the_last_good_one(workspace, tiny_config, monkeypatch):

@@ -10,7 +10,9 @@ existing one untouched.
 
 The train/validation split is decided per document by its id, never by position: adding documents
 to a corpus never moves an old document from one split to the other, so validation losses of two
-versions compare on the documents they share.
+versions compare on the documents they share. A document longer than split_within characters is cut
+in two first (its last val_fraction is validation, as nanoGPT splits its one file), each part a
+document of its own: a corpus of one book still has both sides, and the cut depends on its text alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lmops.errors import LmopsError
+from lmops.util import canonical_json, remove_stale_temps, temp_name
 
 DATASETS = "datasets"
 MANIFEST = "manifest.json"
@@ -34,6 +36,7 @@ REPORT = "report.json"
 SHARD_BYTES = 32 << 20  # big enough to keep file counts low, small enough to stream and checksum quickly
 FORMAT = 1
 NOT_HASHED = ("id", "created_at", "parent")
+TMP_PREFIX = ".tmp-"  # a version being written: .tmp-<pid>-<random>, renamed to its id when whole
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,26 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if int(doc_id[:16], 16) / 2**64 < val_fraction else "train"
 
 
+CUT_SEARCH_CHARS = 2000  # how far past the split point a line break is looked for before cutting mid-line
+
+
+def split_documents(docs: list[Doc], val_fraction: float, split_within: int) -> list[tuple[Doc, str]]:
+    """(document, split) in order: short documents whole by split_of; a longer one as its head (train)
+    and its last val_fraction (val), cut after the first line break past the split point."""
+    out = []
+    for d in docs:
+        if len(d.text) <= split_within:
+            out.append((d, split_of(d.id, val_fraction)))
+            continue
+        at = int(len(d.text) * (1 - val_fraction))
+        nl = d.text.find("\n", at, at + CUT_SEARCH_CHARS)
+        cut = nl + 1 if 0 <= nl < len(d.text) - 1 else at
+        head, tail = d.text[:cut], d.text[cut:]
+        out.append((Doc(doc_id(head), head, f"{d.source}[:{cut}]"), "train"))
+        out.append((Doc(doc_id(tail), tail, f"{d.source}[{cut}:]"), "val"))
+    return out
+
+
 @dataclass(frozen=True)
 class DatasetVersion:
     id: str
@@ -68,7 +91,7 @@ class DatasetVersion:
 
 
 def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return canonical_json(obj).encode("utf-8")
 
 
 def _version_id(manifest: dict) -> str:
@@ -104,27 +127,29 @@ def _close_shard(f: BinaryIO, digest: hashlib._Hash, entry: dict) -> None:
 
 def write_dataset(
     docs: list[Doc], report: dict, out_root: Path, val_fraction: float, parent: str | None,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int = SHARD_BYTES, split_within: int = 32_768,
 ) -> DatasetVersion:
     """Store docs (in this order) as a dataset version under out_root/datasets; return it.
 
     Written into a temporary folder that is renamed into place when complete, so a version folder
-    is always whole. If a version with the same id exists, it is returned as it is.
+    is always whole (a writer killed mid-way leaves a temporary folder the next write removes). If a
+    version with the same id exists, it is returned as it is.
     """
     if not 0 <= val_fraction < 1:
         raise LmopsError(f"data.val_fraction {val_fraction} must be at least 0 and below 1")
     ids = [d.id for d in docs]
     if len(set(ids)) != len(ids):
         raise ValueError("documents must be unique (deduplicate them first, e.g. with lmops.data.ingest)")
+    split = split_documents(docs, val_fraction, split_within)
+    docs = [d for d, _ in split]
     root = Path(out_root) / DATASETS
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    remove_stale_temps(root, TMP_PREFIX)
+    tmp = root / temp_name(TMP_PREFIX)
+    tmp.mkdir()
     try:
         shards = _write_shards(docs, tmp, shard_bytes)
-        documents = [
-            {"id": d.id, "split": split_of(d.id, val_fraction), "source": d.source, "chars": len(d.text)}
-            for d in docs
-        ]
+        documents = [{"id": d.id, "split": s, "source": d.source, "chars": len(d.text)} for d, s in split]
         totals = {"documents": len(docs), "chars": sum(len(d.text) for d in docs)}
         for split in ("train", "val"):
             rows = [r for r in documents if r["split"] == split]
