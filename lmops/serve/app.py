@@ -49,7 +49,7 @@ from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs,
                                 prompt_logprobs)
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
                                   error_from_validation)
-from lmops.serve.source import ModelSource, ServedModel, chat_turns, render_chat
+from lmops.serve.source import ModelSource, ServedModel, chat_messages, render_plain
 
 log = logging.getLogger("lmops.serve")
 
@@ -364,15 +364,17 @@ class Server:
         served, engine, row = self.begin(body, request, key)
         max_tokens = self.max_tokens(body.max_completion_tokens if body.max_completion_tokens is not None
                                      else body.max_tokens)
-        stops = self.stops(body.stop) + [s for s in self.sc.chat_stop if s]
-        turns = [(label, self.moderate_input(content, row)) for label, content in chat_turns(body.messages,
-                                                                                              self.sc.chat_roles)]
-        text = render_chat(turns, self.sc.chat_roles.get("assistant", "Assistant"))
+        roles, template = self.sc.chat_roles, served.chat_template
+        messages = [{**m, "content": self.moderate_input(m["content"], row)}
+                    for m in chat_messages(body.messages, roles)]
+        # the plain transcript's own stops: an untuned model goes on to write the next turn itself
+        stops = self.stops(body.stop) + ([] if template else [s for s in self.sc.chat_stop if s])
+        text = template.render(messages) if template else render_plain(messages, roles)
         text, ids = self.encode(served, text, row, param="messages", moderated=True)
         row["prompt"] = text
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         choices = self.submit_all(engine, served, [ids], self.sampling(body, served, max_tokens, top_n), stops,
-                                  lstrip=True)
+                                  lstrip=template is None)  # the space a model writes after "Assistant:"
         tok = served.tokenizer
 
         def logprobs(pieces: list[Piece]) -> dict | None:

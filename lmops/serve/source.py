@@ -1,15 +1,20 @@
 """Where the served model comes from (a registry version or a local path), the loaded model with its
-tokenizer and end-of-text token, and the chat template that turns messages into a prompt."""
+tokenizer and end-of-text token, and how chat messages become its prompt: the model's own chat template
+when it has one (a Hugging Face folder whose tokenizer_config.json holds chat_template), else a plain
+'Label: content' transcript that a model trained on ordinary text can continue."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from lmops.checkpoint import CKPT_NAME
 from lmops.config import Config
 from lmops.errors import LmopsError
 from lmops.model import GPT
@@ -27,6 +32,7 @@ class ServedModel:
     name: str
     version: str
     eos_id: int | None  # generation stops there; also the start of an empty prompt
+    chat_template: ChatTemplate | None = None  # a Hugging Face model's own; None: the plain transcript
 
     @property
     def fingerprint(self) -> str:
@@ -85,7 +91,7 @@ class ModelSource:
             model, folder = ckpt.model(), ckpt.path.parent
         else:
             p = self.path
-            if p.is_dir() and (p / "config.json").is_file() and not (p / "ckpt.safetensors").is_file():
+            if p.is_dir() and (p / "config.json").is_file() and not (p / CKPT_NAME).is_file():
                 from lmops.hf import import_hf
 
                 model, folder = import_hf(p), p
@@ -94,12 +100,13 @@ class ModelSource:
                 model, folder = ckpt.model(), ckpt.path.parent
             version = self._file_version()
         tok = load_tokenizer(folder)
-        return ServedModel(model.to(device).eval(), tok, self.name, version, _eos_id(tok, folder))
+        return ServedModel(model.to(device).eval(), tok, self.name, version, _eos_id(tok, folder),
+                           ChatTemplate.from_folder(folder))
 
     def _file_version(self) -> str:
         p = self.path
         if p.is_dir():
-            p = p / "ckpt.safetensors" if (p / "ckpt.safetensors").is_file() else p / "model.safetensors"
+            p = p / CKPT_NAME if (p / CKPT_NAME).is_file() else p / "model.safetensors"
         return sha256_file(p)[:12] if p.is_file() else "local"
 
 
@@ -115,9 +122,11 @@ def _eos_id(tok: Tokenizer, folder: Path) -> int | None:
     return eos if isinstance(eos, int) else None
 
 
-def chat_turns(messages: list[ChatMessage], roles: dict[str, str]) -> list[tuple[str, str]]:
-    """(label, content) per message; the content of text parts joined."""
-    turns = []
+# ----------------------------------------------------------------------------- chat
+
+def chat_messages(messages: list[ChatMessage], roles: dict[str, str]) -> list[dict[str, str]]:
+    """{"role", "content"} per message, roles checked against serve.chat_roles and text parts joined."""
+    out = []
     for i, m in enumerate(messages):
         if m.role not in roles:
             raise APIError(400, f"messages[{i}].role '{m.role}' is not served; use one of {', '.join(roles)} "
@@ -128,10 +137,74 @@ def chat_turns(messages: list[ChatMessage], roles: dict[str, str]) -> list[tuple
                 raise APIError(400, f"messages[{i}].content: only text parts are served",
                                param=f"messages.{i}.content", code="invalid_value")
             content = "".join(p["text"] for p in content)
-        turns.append((roles[m.role], content or ""))
-    return turns
+        out.append({"role": m.role, "content": content or ""})
+    return out
 
 
-def render_chat(turns: list[tuple[str, str]], assistant: str) -> str:
+def render_plain(messages: list[dict[str, str]], roles: dict[str, str]) -> str:
     """A transcript a model trained on plain text can continue: 'Label: content' lines, then 'Assistant:'."""
-    return "".join(f"{label}: {content}\n" for label, content in turns) + f"{assistant}:"
+    return "".join(f"{roles[m['role']]}: {m['content']}\n" for m in messages) + f"{roles.get('assistant', 'Assistant')}:"
+
+
+def _token_text(value) -> str:
+    """A special token of tokenizer_config.json: a string, or an AddedToken as a dict with its content."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Hugging Face model's chat template (tokenizer_config.json's chat_template, or chat_template.jinja),
+    rendered as transformers' apply_chat_template renders it: a sandboxed Jinja environment with
+    trim_blocks and lstrip_blocks, messages, add_generation_prompt=True, bos_token and eos_token."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ChatTemplate | None:
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        template = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        if not isinstance(template, str) and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if not isinstance(template, str) or not template.strip():
+            return None
+        return cls(template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _compiled(self.source).render(messages=messages, add_generation_prompt=True,
+                                                 bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as err:  # the template's raise_exception: e.g. roles that must alternate
+            raise APIError(400, f"messages: the model's chat template refused them ({err})", param="messages",
+                           code="invalid_value") from None
+
+
+@lru_cache(maxsize=8)
+def _compiled(source: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return env.from_string(source)

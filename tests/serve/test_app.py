@@ -216,6 +216,46 @@ def test_model_source_reads_checkpoints_and_hugging_face_folders(env, model_dir,
         ModelSource(env.ws, cfg, "tiny@champion")
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant] quick{% endif %}")
+
+
+def test_a_hugging_face_model_with_a_chat_template_is_prompted_with_it(env, model_dir, tmp_path, tok):
+    """Rendered as transformers renders it, and without the plain transcript's stops and space strip."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lmops.hf import export_hf
+    from lmops.serve.source import ModelSource
+
+    cfg = env.config()
+    hf_dir = export_hf(ModelSource(None, cfg, str(model_dir)).load().model, tmp_path / "chatty",
+                       tokenizer_dir=model_dir)
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": EOT,
+                                                              "chat_template": CHAT_TEMPLATE}))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    want = PreTrainedTokenizerFast.from_pretrained(hf_dir).apply_chat_template(messages, tokenize=False,
+                                                                               add_generation_prompt=True)
+    assert want == f"{EOT}[system] Be brief.\n[user] Hi there\n[assistant] quick"
+    served = ModelSource(None, cfg, str(hf_dir)).load()
+    assert served.chat_template is not None and served.chat_template.render(messages) == want
+
+    live = env.start(*FAST, source=ModelSource(None, env.config(*FAST), str(hf_dir)))
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=env.keys["inference"], max_retries=0)
+    r = client.chat.completions.create(model="chatty", messages=messages, max_tokens=16, temperature=0)
+    assert r.usage.prompt_tokens == len(tok.encode(want, add_special_tokens=False).ids)
+    # it continues the template's "quick", its leading space kept (the plain template strips it)
+    assert r.choices[0].message.content == greedy(tok, "quick", 16) == " frog,quick frog"
+    live.stop()
+
+    plain = env.start(*FAST, source=ModelSource(None, env.config(*FAST), str(export_hf(
+        served.model, tmp_path / "plain", tokenizer_dir=model_dir))))
+    client = openai.OpenAI(base_url=f"{plain.url}/v1", api_key=env.keys["inference"], max_retries=0)
+    r = client.chat.completions.create(model="plain", messages=messages, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len("System: Be brief.\nUser: Hi there\nAssistant:")
+    plain.stop()
+
+
 def test_detokenizer_never_splits_a_character():
     text = "prix: 100€, café, 你好世界! ok"
     tok = train_tokenizer(["hello world, " * 20 + "cafe prix"], "bpe", vocab_size=280, min_frequency=2)
