@@ -90,3 +90,60 @@ def test_steps_must_have_their_inputs(pipeline_ws):
     cfg = override(pipeline_ws.config(), [*PIPELINE, "pipeline.steps=[ingest, train]"])
     with pytest.raises(LmopsError, match="'train' needs 'tokenize'"):
         run_pipeline(pipeline_ws, cfg, log=quiet)
+
+
+def test_a_step_failing_with_a_bug_is_marked_failed_and_keeps_its_traceback(pipeline_ws, monkeypatch):
+    from lmops import pipeline
+
+    def broken(ctx):
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setitem(pipeline.RUN, "tokenize", broken)
+    cfg = override(pipeline_ws.config(), PIPELINE)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_pipeline(pipeline_ws, cfg, log=quiet)
+    with Store.for_workspace(pipeline_ws, cfg) as store:
+        run = store.list_pipeline_runs(1)[0]
+        assert run.status == "failed" and run.error == "tokenize: RuntimeError: a bug"
+        assert [(s.name, s.status) for s in run.steps][-1] == ("tokenize", "failed")
+
+
+def test_a_killed_run_shows_as_gone_and_the_next_run_closes_it_and_resumes_training(pipeline_ws):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws = pipeline_ws
+    sets = [*PIPELINE, "train.max_steps=2000", "train.checkpoint_interval=10", "train.eval_interval=1000"]
+    args = [a for item in sets for a in ("--set", item)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmops", "pipeline", "run", "-w", str(ws.root), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    metrics = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(ws.runs_dir.glob("pipeline-*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 25:  # past the checkpoint at step 20
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert metrics is not None, f"training never got going: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else None}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    cli = [sys.executable, "-m", "lmops"]
+    env = {**os.environ, "COLUMNS": "200"}
+    listed = subprocess.run([*cli, "pipeline", "list", "-w", str(ws.root)], capture_output=True, text=True, env=env)
+    assert "gone (its process died)" in listed.stderr, listed.stderr
+    logs = []
+    result = run_pipeline(ws, override(ws.config(), sets), log=logs.append)
+    assert any("was left running by a process that is gone: marked failed" in m for m in logs)
+    assert result.cached == ["ingest", "validate", "tokenize"] and result.ran[0] == "train"
+    with Store.for_workspace(ws) as store:
+        runs = store.list_pipeline_runs(2)
+        assert [r.status for r in runs] == ["succeeded", "failed"] and "process is gone" in runs[1].error
+        assert [s.status for s in runs[1].steps][-1] == "failed"
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # where the second process began
+    assert steps[restart] % 10 == 1 and steps[restart] > 20, "training went on from the last checkpoint"
+    assert steps[-1] == 2000

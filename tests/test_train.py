@@ -117,3 +117,13 @@ def test_two_process_ddp_equals_one_process_with_accumulation(workspace, tiny_co
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
 
+
+
+def test_a_half_written_checkpoint_of_a_killed_writer_is_removed(workspace, tiny_config):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run_dir = workspace.run_dir("main")
+    run_dir.mkdir(parents=True)
+    stale = run_dir / f".ckpt.safetensors.tmp-{dead.stdout.strip()}-0a1b"
+    stale.write_bytes(b"half a checkpoint")
+    run(workspace, tiny_config, "main")
+    assert not stale.exists() and [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -143,3 +146,32 @@ def test_ingest_twice_gives_the_same_version_and_a_changed_doc_a_new_one(tmp_pat
     changed = diff["report"]  # report numbers that differ, e.g. chars_out or lengths.max
     assert changed and all(v["a"] != v["b"] and v["change"] == v["b"] - v["a"] for v in changed.values())
     assert "documents_out" not in changed  # 4 both times: unchanged numbers are left out
+
+
+def test_a_long_document_is_split_inside_itself_and_short_ones_by_hash(tmp_path):
+    from lmops.data.dataset import split_documents
+
+    book = "".join(f"line {i} of a long book\n" for i in range(2000))  # 45K characters: past split_within
+    short = docs(30)
+    parts = split_documents([*short, doc(book, "corpus/book.txt")], 0.1, split_within=32_768)
+    assert [(d.id, s) for d, s in parts[:30]] == [(d.id, split_of(d.id, 0.1)) for d in short]
+    (head, hs), (tail, ts) = parts[30:]
+    assert (hs, ts) == ("train", "val") and head.text + tail.text == book
+    assert head.text.endswith("\n") and abs(len(tail.text) - len(book) * 0.1) < 30, "cut at the line break after 90%"
+    assert (head.source, tail.source) == (f"corpus/book.txt[:{len(head.text)}]", f"corpus/book.txt[{len(head.text)}:]")
+    again = split_documents([doc(book, "elsewhere.txt")], 0.1, 32_768)
+    assert [(d.id, s) for d, s in again] == [(head.id, "train"), (tail.id, "val")], "the cut depends on the text alone"
+    version = write_dataset([doc(book, "corpus/book.txt")], REPORT, tmp_path, 0.1, None, split_within=32_768)
+    assert {s: version.manifest["totals"][s]["documents"] for s in ("train", "val")} == {"train": 1, "val": 1}
+    assert "".join(t for _, t in iter_documents(version, "train")) == head.text
+
+
+def test_a_killed_writer_leaves_nothing_behind(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    root = tmp_path / "datasets"
+    (root / f".tmp-{dead.stdout.strip()}-abcd").mkdir(parents=True)  # what a writer killed mid-write leaves
+    (root / f".tmp-{dead.stdout.strip()}-abcd" / "shard-00000.jsonl").write_text("{}\n")
+    mine = root / f".tmp-{os.getpid()}-live"  # a live writer's folder is left alone
+    mine.mkdir()
+    write_dataset(docs(5), REPORT, tmp_path, 0.2, None)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [mine.name]
