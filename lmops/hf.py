@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from lmops.errors import LmopsError
 from lmops.model import GPT, GPTConfig
+from lmops.tokenizer import EOT
 
-EOS_TOKEN = "<|endoftext|>"  # end of text in our tokenizers; also serves as bos, as in GPT-2
+EOS_TOKEN = EOT  # end of text in our tokenizers; also serves as bos, as in GPT-2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -61,10 +61,14 @@ def init_workspace(root: Path, force: bool = False, config: Config | None = None
     ws = Workspace(root)
     if ws.config_path.exists() and not force:
         raise LmopsError(f"{ws.config_path}: already exists; pass --force to overwrite it")
-    root.mkdir(parents=True, exist_ok=True)
-    ws.config_path.write_text(render_default_yaml(config), encoding="utf-8")
-    ws.state.mkdir(exist_ok=True)
-    (root / "corpus").mkdir(exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        ws.config_path.write_text(render_default_yaml(config), encoding="utf-8")
+        ws.state.mkdir(exist_ok=True)
+        (root / "corpus").mkdir(exist_ok=True)
+    except OSError as err:
+        raise LmopsError(f"cannot create a workspace in {root}: {err.strerror or err} ({err.filename or root}); "
+                         "choose a folder you can write to") from None
     return ws
 
 
