@@ -41,20 +41,21 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from lmops.config import Config
-from lmops.safety import STRENGTH, moderate
+from lmops.safety import STRENGTH, Moderation, moderate
 from lmops.serve.engine import Engine, EngineStopped, QueueFull, RequestHandle, SamplingParams
 from lmops.serve.metrics import Metrics
 from lmops.serve.middleware import BodyLimit, RequestLog
 from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs, completion_logprobs,
                                 prompt_logprobs)
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
-                                  error_from_validation)
+                                  error_from_validation, request_models)
 from lmops.serve.source import ModelSource, ServedModel, chat_messages, render_plain
 
 log = logging.getLogger("lmops.serve")
 
 RETRY_AFTER_QUEUE_S = 1  # a small model drains a full batch in about a second
 ENGINE_DRAIN_S = 2.0  # at shutdown, after the HTTP side waited: what is left in the engine has no client
+INLINE_CHARS = 4096  # prompts up to this long are tokenized and moderated on the event loop (< 5 ms)
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of SSE
 
 
@@ -206,10 +207,11 @@ class Server:
             raise APIError(400, "stop: at most 4 sequences", param="stop", code="invalid_value")
         return [s for s in stops if s]
 
-    def moderate_input(self, text: str, row: dict) -> str:
-        """The prompt text the model may see; 400 content_blocked when a rule blocks it."""
+    def moderate_input(self, text: str, row: dict, param: str = "prompt") -> Moderation | None:
+        """The verdict on a prompt text, recorded in the row and counted; 400 content_blocked when a rule
+        blocks it. None with moderation off."""
         if not self.moderation_on:
-            return text
+            return None
         m = moderate(text, self.cfg.safety, "input")
         if m.hits:
             if self.metrics_on:
@@ -220,36 +222,88 @@ class Server:
                 seen["hits"][rule] = sorted(set(seen["hits"].get(rule, [])) | set(names))
         if m.action == "block":
             row["prompt"] = m.text
-            raise APIError(400, "the prompt was refused by the content policy", param="prompt",
+            rules = ", ".join(rule for rule, names in m.hits.items()
+                              if self._action(rule) == "block")
+            raise APIError(400, f"{param}: refused by the content policy ({rules})", param=param,
                            code="content_blocked")
-        return m.text
+        return m
 
-    def encode(self, served: ServedModel, prompt: str | list[int], row: dict, param: str = "prompt",
-               moderated: bool = False) -> tuple[str, list[int]]:
-        """The prompt's text and ids as the model will see them: moderated (a redacted prompt is encoded
-        again), within the vocabulary and within serve.max_prompt_tokens and the model's context."""
-        tok, cfg = served.tokenizer, served.model.cfg
-        if isinstance(prompt, str):
-            text = prompt if moderated else self.moderate_input(prompt, row)
-            ids = tok.encode(text, add_special_tokens=False).ids
-        else:
-            if bad := [i for i in prompt if not 0 <= i < cfg.vocab_size][:1]:
-                raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})",
-                               param=param, code="invalid_value")
-            ids = list(prompt)
-            text = tok.decode(ids, skip_special_tokens=False)
-            checked = self.moderate_input(text, row)
-            if checked != text:
-                text, ids = checked, tok.encode(checked, add_special_tokens=False).ids
-        if not ids:  # nothing to continue: start a document, as in training
-            if served.eos_id is None:
-                raise APIError(400, f"{param}: empty", param=param, code="invalid_value")
-            ids = [served.eos_id]
-        limit = min(self.sc.max_prompt_tokens, cfg.block_size)
+    def _action(self, rule: str) -> str:
+        sc = self.cfg.safety
+        return {"pii": sc.pii_action, "blocklist": sc.blocklist_action, "injection": sc.injection_action}[rule]
+
+    def _ids(self, served: ServedModel, text: str, param: str) -> list[int]:
+        """text's token ids, within serve.max_prompt_tokens and the model's context."""
+        ids = served.tokenizer.encode(text, add_special_tokens=False).ids
+        self._check_length(served, ids, param)
+        return ids
+
+    def _check_length(self, served: ServedModel, ids: list[int], param: str) -> None:
+        limit = min(self.sc.max_prompt_tokens, served.model.cfg.block_size)
         if len(ids) > limit:
             raise APIError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit} (the smaller "
                            "of serve.max_prompt_tokens and the model's context)", param=param,
                            code="context_length_exceeded")
+
+    def encode(self, served: ServedModel, prompt: str | list[int], row: dict, param: str = "prompt"
+               ) -> tuple[str, list[int]]:
+        """The prompt's text and ids as the model will see them. Limits first (the vocabulary, the prompt
+        length), then moderation, which reads the text: a text prompt that moderation redacts is encoded
+        again; token ids are scored as sent, so a prompt of ids that moderation would change is refused
+        (400, naming the rule) rather than rewritten behind the client's back."""
+        tok, vocab = served.tokenizer, served.model.cfg.vocab_size
+        if isinstance(prompt, str):
+            text, ids = prompt, self._ids(served, prompt, param)
+            if (m := self.moderate_input(text, row, param)) is not None and m.text != text:
+                text, ids = m.text, self._ids(served, m.text, param)
+        else:
+            if bad := [i for i in prompt if not 0 <= i < vocab][:1]:
+                raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                               param=param, code="invalid_value")
+            ids = list(prompt)
+            self._check_length(served, ids, param)
+            text = tok.decode(ids, skip_special_tokens=False)
+            if (m := self.moderate_input(text, row, param)) is not None and m.text != text:
+                row["prompt"] = m.text
+                rules = ", ".join(rule for rule in m.hits if self._action(rule) == "redact")
+                raise APIError(400, f"{param}: the content policy would redact this prompt ({rules}), and a prompt "
+                               "of token ids is scored as sent, never rewritten: send it as text to have it "
+                               "redacted, or without what the policy finds", param=param, code="content_blocked")
+        if not ids:  # nothing to continue: start a document, as in training
+            if served.eos_id is None:
+                raise APIError(400, f"{param}: empty", param=param, code="invalid_value")
+            ids = [served.eos_id]
+        return text, ids
+
+    async def off_loop(self, size: int, fn, *args):
+        """fn(*args), in a worker thread when the input is large: tokenizing and moderating a long prompt
+        takes milliseconds, which on the event loop would stall every other request and /healthz."""
+        if size <= INLINE_CHARS:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    def chat_prompt(self, served: ServedModel, messages: list[dict[str, str]], row: dict) -> tuple[str, list[int]]:
+        """The chat prompt's text and ids: the length checked on the messages as sent, then each one's
+        content moderated, then the template rendered and encoded."""
+        roles, template = self.sc.chat_roles, served.chat_template
+
+        def render(ms: list[dict[str, str]]) -> str:
+            return template.render(ms) if template else render_plain(ms, roles)
+
+        text = render(messages)
+        ids = self._ids(served, text, "messages")
+        moderated = []
+        for i, m in enumerate(messages):
+            verdict = self.moderate_input(m["content"], row, f"messages[{i}].content")
+            moderated.append({**m, "content": m["content"] if verdict is None else verdict.text})
+        if moderated != messages:  # redacted
+            text = render(moderated)
+            ids = self._ids(served, text, "messages")
+        if not ids:
+            if served.eos_id is None:
+                raise APIError(400, "messages: the chat template made an empty prompt", param="messages",
+                               code="invalid_value")
+            ids = [served.eos_id]
         return text, ids
 
     def submit(self, engine: Engine, ids: list[int], params: SamplingParams) -> RequestHandle | Done:
@@ -314,7 +368,8 @@ class Server:
     def models(self) -> dict:
         served, _ = self.ready()
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": self.created,
-                                            "owned_by": "lmops", "root": served.fingerprint}]}
+                                            "owned_by": "lmops", "root": served.fingerprint,
+                                            "max_model_len": served.model.cfg.block_size}]}  # as vLLM's
 
     async def completions(self, body: CompletionRequest, request: Request, key) -> dict | EventStream:
         served, engine, row = self.begin(body, request, key)
@@ -327,7 +382,8 @@ class Server:
         else:
             raise APIError(400, "prompt: give a string, a list of token ids, or a list of strings or of token-id "
                            "lists (not an empty list, nor ids mixed with those)", param="prompt", code="invalid_value")
-        prompts = [self.encode(served, p, row) for p in batch]
+        size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in batch)
+        prompts = await self.off_loop(size, lambda: [self.encode(served, p, row) for p in batch])
         row["prompt"] = "\n".join(text for text, _ in prompts)
         tok = served.tokenizer
         echoes = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for _, ids in prompts]
@@ -364,13 +420,12 @@ class Server:
         served, engine, row = self.begin(body, request, key)
         max_tokens = self.max_tokens(body.max_completion_tokens if body.max_completion_tokens is not None
                                      else body.max_tokens)
-        roles, template = self.sc.chat_roles, served.chat_template
-        messages = [{**m, "content": self.moderate_input(m["content"], row)}
-                    for m in chat_messages(body.messages, roles)]
+        template = served.chat_template
+        messages = chat_messages(body.messages, self.sc.chat_roles)
         # the plain transcript's own stops: an untuned model goes on to write the next turn itself
         stops = self.stops(body.stop) + ([] if template else [s for s in self.sc.chat_stop if s])
-        text = template.render(messages) if template else render_plain(messages, roles)
-        text, ids = self.encode(served, text, row, param="messages", moderated=True)
+        text, ids = await self.off_loop(sum(len(m["content"]) for m in messages), self.chat_prompt, served,
+                                        messages, row)
         row["prompt"] = text
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         choices = self.submit_all(engine, served, [ids], self.sampling(body, served, max_tokens, top_n), stops,
@@ -428,7 +483,7 @@ class Server:
                 outs = await self.collect(choices, request)
             finally:
                 self.finish(choices, row, prompt)
-            _raise_engine_error(choices)
+            _raise_engine_error(choices, row.get("request_id"))
             return {**head, "choices": [{"index": i, **fmt.whole(i, c, pieces), "finish_reason": c.finish_reason}
                                         for i, (c, pieces) in enumerate(zip(choices, outs))], "usage": usage()}
 
@@ -446,7 +501,7 @@ class Server:
                     async for piece in c.pieces():
                         yield chunk(i, fmt.delta(i, piece))
                     if c.finish_reason == "error":
-                        yield _sse(_engine_error(c).body())
+                        yield _sse(_engine_error(c, row.get("request_id")).body())
                         break
                     yield chunk(i, fmt.closing(i), c.finish_reason)
                 else:
@@ -501,7 +556,7 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
     def respond(request: Request, err: APIError) -> JSONResponse:
         count(err)
         if (row := request.scope.get("lmops.row")) is not None:
-            row["error"] = err.message
+            row.setdefault("error", err.message)  # an engine error keeps its details in the log
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -517,9 +572,10 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
         return respond(request, error_from_validation(exc))
 
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return respond(request, APIError(500, "internal server error; the server's log has the details",
-                                         "server_error", code="internal_error"))
+        request_id = (request.scope.get("lmops.row") or {}).get("request_id")
+        log.exception("internal error on %s (request %s)", request.url.path, request_id)
+        return respond(request, APIError(500, f"internal server error (request id {request_id}); the server's log "
+                                         "has the details", "server_error", code="internal_error"))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(HTTPException, on_http_error)
@@ -559,13 +615,18 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
     async def models(key=inference) -> dict:
         return server.models()
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request, key=inference):
+    completion_body, chat_body = request_models(cfg.serve.max_tokens_limit)
+
+    async def completions(body, request: Request, key=inference):
         return await server.completions(body, request, key)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request, key=inference):
+    async def chat_completions(body, request: Request, key=inference):
         return await server.chat(body, request, key)
+
+    completions.__annotations__["body"] = completion_body  # classes of this config, not names to look up
+    chat_completions.__annotations__["body"] = chat_body
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat_completions)
 
     app.add_middleware(BodyLimit, max_bytes=cfg.serve.max_body_bytes, on_error=count)
     if logger is not None:
@@ -592,15 +653,18 @@ def _min_delta(handles: list, attr: str) -> float | None:
     return min(deltas) if deltas else None
 
 
-def _engine_error(c: Choice) -> APIError:
-    return APIError(500, f"the engine failed on this request ({getattr(c.handle, 'error', None)})", "server_error",
-                    code="engine_error")
+def _engine_error(c: Choice, request_id: str | None) -> APIError:
+    """What the client learns of an engine failure: that it happened, and the id to find it in the log
+    by; never the exception's text, which describes the server's insides."""
+    log.error("request %s: the engine failed: %s", request_id, getattr(c.handle, "error", None))
+    return APIError(500, f"the engine failed on this request (request id {request_id}); the server's log has "
+                    "the details", "server_error", code="engine_error")
 
 
-def _raise_engine_error(choices: list[Choice]) -> None:
+def _raise_engine_error(choices: list[Choice], request_id: str | None) -> None:
     for c in choices:
         if c.finish_reason == "error":
-            raise _engine_error(c)
+            raise _engine_error(c, request_id)
 
 
 # ----------------------------------------------------------------------------- serve

@@ -104,8 +104,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -632,21 +632,31 @@ class Engine:
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor, row0: int) -> None:
         """Choose each sequence's next token from its logits row, deliver it, retire finished ones."""
         tokens = logits.argmax(dim=-1).tolist()
+        failed: dict[int, str] = {}  # row -> why sampling failed for it alone
         if rows := [i for i, seq in enumerate(seqs) if seq.rng is not None]:  # sampled rows, all in one go
-            params = [seqs[i].handle.params for i in rows]
-            device = logits.device
-            picked = sample(logits[rows], torch.tensor([p.temperature for p in params], device=device),
-                            torch.tensor([p.top_k or 0 for p in params], device=device),
-                            torch.tensor([p.top_p or 1.0 for p in params], device=device),
-                            # each row's uniform from its own stream: 24 bits, exact in float32 and < 1
-                            uniform=torch.tensor([seqs[i].rng.getrandbits(24) / 2**24 for i in rows], device=device))
-            for i, token in zip(rows, picked.view(-1).tolist()):
+            # each row's uniform from its own stream: 24 bits, exact in float32 and < 1
+            uniforms = [seqs[i].rng.getrandbits(24) / 2**24 for i in rows]
+            try:
+                picked = self._sample(logits, seqs, rows, uniforms)
+            except Exception:  # a row's parameters the sampler cannot take: find it, fail it alone
+                picked = []
+                for i, u in zip(rows, uniforms):
+                    try:
+                        picked += self._sample(logits, seqs, [i], [u])
+                    except Exception as err:
+                        log.exception("sampling failed for one request")
+                        failed[i] = f"{type(err).__name__}: {err}"
+                        picked.append(-1)
+            for i, token in zip(rows, picked):
                 tokens[i] = token
         finished: list[tuple[int, str]] = []
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             p, handle = seq.handle.params, seq.handle
             token = tokens[i]
+            if i in failed:
+                finished.append((row0 + i, "error"))
+                continue
             if token in seq.stop:
                 finished.append((row0 + i, "stop"))
                 continue
@@ -666,7 +676,18 @@ class Engine:
             if handle.completion_tokens >= seq.limit:
                 finished.append((row0 + i, "length"))
         for row, reason in reversed(finished):  # highest row first: moves never touch a row still to retire
-            self._leave(row)._finish(reason)
+            self._leave(row)._finish(reason, failed.get(row - row0))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq], rows: list[int], uniforms: list[float]) -> list[int]:
+        """The sampled token of each of rows, in one go."""
+        params = [seqs[i].handle.params for i in rows]
+        device, vocab = logits.device, logits.shape[-1]
+        picked = sample(logits[rows], torch.tensor([p.temperature for p in params], device=device),
+                        # a top_k at or above the vocabulary keeps every token, as 0 does
+                        torch.tensor([min(p.top_k or 0, vocab) for p in params], device=device),
+                        torch.tensor([p.top_p or 1.0 for p in params], device=device),
+                        uniform=torch.tensor(uniforms, device=device))
+        return picked.view(-1).tolist()
 
     def _leave(self, row: int) -> RequestHandle:
         """Free a running sequence's row: the last running row moves into it, the prefilling one follows."""

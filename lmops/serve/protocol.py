@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler,
+                      field_validator)
 from starlette.exceptions import HTTPException
 
 MAX_LOGPROBS = 5  # as OpenAI's completions API
@@ -48,24 +49,65 @@ def error_from_http(exc: HTTPException) -> APIError:
     return APIError(status, message, kind, code=code, headers=headers)
 
 
-_TYPE_TAG = re.compile(r"str|int|float|bool|none|.*[\[-].*")  # pydantic names a union's branches in error paths
+_TYPE_TAG = re.compile(r"str|int|float|bool|none|literal\[.*|function-.*|.*[\[-].*")  # union branches in error paths
+
+
+def _field(loc: tuple) -> str | None:
+    """An error location as a client reads it: messages[0].content, stop[1], prompt."""
+    out = ""
+    for p in loc:
+        if p == "body" or isinstance(p, str) and _TYPE_TAG.fullmatch(p):
+            continue
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out or None
 
 
 def error_from_validation(exc: RequestValidationError) -> APIError:
     """FastAPI's 422 as OpenAI's 400, naming the first problem and its field."""
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    # the first problem, or rather one a validator explained (pydantic lists each union branch's failure)
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")
         return APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json")
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.fullmatch(str(p))) or None
-    msg = first.get("msg", "invalid request")
+    param = _field(first.get("loc", ()))
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+    given = first.get("input")
+    if isinstance(given, str) and len(given) <= 40 and _printable(given) and first.get("type") != "missing":
+        msg += f" (got {given!r})"
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
 # ----------------------------------------------------------------------------- request bodies
 
+MAX_TOP_K = 2**31 - 1  # a bound for the schema; a top_k at or above the vocabulary keeps every token
+MAX_STOP = 4  # stop sequences, as OpenAI's
+MAX_STOP_CHARS = 256  # a stream holds back len(longest stop) - 1 characters: a long one would hold it all
+SERVED_ROLES = ("system", "developer", "user", "assistant")  # serve.chat_roles' keys by default
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _printable(text: str) -> bool:
+    return _SURROGATE.search(text) is None
+
+
+def _unicode(text: str) -> str:
+    """JSON's \\ud800 escapes can spell lone UTF-16 surrogates, which are no text: no tokenizer takes them
+    and no UTF-8 can say them (the error echoing one back could not even be written)."""
+    if (m := _SURROGATE.search(text)) is not None:
+        raise ValueError(f"holds a lone UTF-16 surrogate (U+{ord(m.group()):04X}) at character {m.start()}, "
+                         "which is not Unicode text")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields a small server need not know
+    # OpenAI clients send fields a small server need not know: ignored. Strict: "5" is not a number.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
@@ -73,37 +115,89 @@ class StreamOptions(_Body):
 
 
 class SamplingFields(_Body):
-    model: str = Field(description="The model id, as /v1/models lists it.")
-    max_tokens: int | None = Field(None, description="Tokens to generate at most; the server's default if absent.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, description="Extension, as vLLM's: keep the k most likely tokens; -1 keeps all.")
-    n: int = Field(1, description="Only 1 is supported.")
+    model: Text = Field(description="The model id, as /v1/models lists it.")
+    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate at most (at most "
+                                   "serve.max_tokens_limit); the server's default if absent.")
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOP_K, description="Extension, as vLLM's: keep the k most likely tokens; "
+                       "-1 (or 0, or the vocabulary's size or more) keeps all.")
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported: send several requests instead.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the output is cut before the first.")
+    stop: Annotated[Text, Field(max_length=MAX_STOP_CHARS)] | Annotated[
+        list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters; the output is cut "
+        "before the first.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, prompt and model: same output.")
     ignore_eos: bool = Field(False, description="Extension, as vLLM's: generate past end-of-text, for benchmarks "
                              "that need outputs of a fixed length.")
-    user: str | None = None
+    user: Text | None = None
+
+
+PROMPT_SHAPES = ("give a string, a list of token ids, or a list of strings or of token-id lists (not an empty "
+                 "list, nor ids mixed with those)")
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int | str | list[int]] = Field(
-        description="Text or token ids, or a list of texts or of token-id lists (one choice per prompt).")
+    prompt: Text | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)] | \
+        Annotated[list[list[TokenId]], Field(min_length=1)] = Field(
+            description="Text or token ids, or a list of texts or of token-id lists (one choice per prompt).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Log-probability of each token and of this many most likely ones.")
     echo: bool = Field(False, description="Return the prompt before the completion, with its logprobs when "
                        "logprobs is set; with max_tokens 0 this scores the prompt.")
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One message for a prompt of no accepted shape, rather than one per branch of the union; a text
+        that is no Unicode says so."""
+        try:
+            return handler(value)
+        except ValidationError as err:
+            surrogate = next((e for e in err.errors() if e["type"] == "value_error"), None)
+            if surrogate is not None:
+                raise ValueError(surrogate["msg"].removeprefix("Value error, ")) from None
+            raise ValueError(PROMPT_SHAPES) from None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text
+
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal[SERVED_ROLES] = Field(description="As serve.chat_roles serves them.")  # type: ignore[valid-type]
+    content: Text | list[TextPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name for max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+def request_models(max_tokens_limit: int) -> tuple[type[CompletionRequest], type[ChatCompletionRequest]]:
+    """The request bodies of a server whose serve.max_tokens_limit is max_tokens_limit: the limit is in the
+    schema (so the OpenAPI document says what the server takes) and in the validation."""
+
+    def limited(value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= max_tokens_limit:
+            raise ValueError(f"{value}; it must be between 0 and {max_tokens_limit} (serve.max_tokens_limit)")
+        return value
+
+    bound = {"minimum": 0, "maximum": max_tokens_limit}
+    tokens = Annotated[int | None, AfterValidator(limited)]
+    what = f"Tokens to generate at most, 0 to {max_tokens_limit}; the server's default if absent."
+
+    class CompletionRequest(globals()["CompletionRequest"]):  # same names: the schema's titles
+        max_tokens: tokens = Field(None, description=what, json_schema_extra=bound)
+
+    class ChatCompletionRequest(globals()["ChatCompletionRequest"]):
+        max_tokens: tokens = Field(None, description=what, json_schema_extra=bound)
+        max_completion_tokens: tokens = Field(None, description="OpenAI's newer name for max_tokens.",
+                                              json_schema_extra=bound)
+
+    return CompletionRequest, ChatCompletionRequest

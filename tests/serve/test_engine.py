@@ -370,6 +370,29 @@ def test_a_failing_forward_finishes_with_error_and_the_engine_goes_on(monkeypatc
     engine.stop(1)
 
 
+def test_a_row_the_sampler_cannot_take_fails_alone_and_its_batch_goes_on(monkeypatch):
+    from lmops.serve import engine as engine_module
+
+    real = engine_module.sample
+
+    def picky(logits, temperature, *args, **kw):  # as a sampler failing on one row's parameters would
+        if bool((temperature == 1.25).any()):
+            raise RuntimeError("cannot sample this row")
+        return real(logits, temperature, *args, **kw)
+
+    monkeypatch.setattr(engine_module, "sample", picky)
+    engine = Engine(tiny(), max_batch=8)
+    params = [SamplingParams(max_tokens=6, temperature=t, top_k=k, seed=i)
+              for i, (t, k) in enumerate([(0.9, None), (1.25, None), (0.8, 2**62), (1.0, 5)])]
+    handles = [engine.submit(prompt(4, i), p) for i, p in enumerate(params)]
+    for _ in range(50):
+        if all(h.done for h in handles):
+            break
+        engine.step()
+    assert [h.finish_reason for h in handles] == ["length", "error", "length", "length"]
+    assert [h.completion_tokens for h in handles] == [6, 0, 6, 6] and "cannot sample" in handles[1].error
+
+
 def test_runtime_choice_falls_back_to_torch_or_refuses_with_the_reason(caplog):
     odd = tiny(d_model=32)  # head_dim 8: onnxruntime's fused attention wants a multiple of 16
     with caplog.at_level("WARNING"):

@@ -1,0 +1,180 @@
+"""Requests that once hurt the server or other clients: each must fail alone, quickly, with a 400 that says
+why, and leave the server (and the client's connection) serving the next request."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from lmops.serve import app as app_module
+
+from .conftest import save_model, table_model
+
+FAST = ["auth.key_cache_ttl_s=0", "auth.rate_limit_per_s=1000", "auth.burst=1000"]
+
+
+def bearer(secret: str) -> dict:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture(scope="module")
+def main(env):
+    return env.start(*FAST)
+
+
+# ----------------------------------------------------------------------------- a slow prompt stalls nobody
+
+def test_a_huge_worst_case_prompt_is_refused_by_its_length_and_healthz_answers_meanwhile(main, env):
+    """900 KB of '=' took the old moderation (run first, on the event loop) hours; the length is checked
+    first now, off the loop, and /healthz answers throughout."""
+    done, result = threading.Event(), {}
+
+    def big():
+        body = {"model": "tiny", "prompt": "=" * 900_000, "max_tokens": 1}
+        result["r"] = httpx.post(f"{main.url}/v1/completions", json=body, headers=bearer(env.keys["inference"]),
+                                 timeout=120)
+        done.set()
+
+    worker = threading.Thread(target=big)
+    worker.start()
+    slowest = 0.0
+    while not done.is_set():
+        start = time.perf_counter()
+        assert httpx.get(f"{main.url}/healthz", timeout=10).status_code == 200
+        slowest = max(slowest, time.perf_counter() - start)
+    worker.join()
+    r = result["r"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert slowest < 2.0
+
+
+def test_moderating_a_long_prompt_runs_off_the_event_loop(env, tmp_path, tok, monkeypatch):
+    """A prompt long enough to moderate for a while (here: moderation held until /healthz answered)."""
+    folder = tmp_path / "long"
+    save_model(folder, table_model(tok, block_size=8192), tok)
+    from lmops.serve.source import ModelSource
+
+    sets = [*FAST, "serve.max_prompt_tokens=8192", "serve.max_batch=2"]
+    live = env.start(*sets, source=ModelSource(None, env.config(*sets), str(folder)))
+    entered, release = threading.Event(), threading.Event()
+    real = app_module.moderate
+
+    def held(text, cfg, direction):
+        if len(text) > app_module.INLINE_CHARS:
+            entered.set()
+            assert release.wait(60)
+        return real(text, cfg, direction)
+
+    monkeypatch.setattr(app_module, "moderate", held)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+        f"{live.url}/v1/completions", headers=bearer(env.keys["inference"]), timeout=120,
+        json={"model": "long", "prompt": "= " * 3000, "max_tokens": 1})))
+    worker.start()
+    try:
+        assert entered.wait(60)
+        assert httpx.get(f"{live.url}/healthz", timeout=10).status_code == 200  # while moderation is held
+    finally:
+        release.set()
+        worker.join()
+    assert result["r"].status_code == 200, result["r"].text
+    live.stop()
+
+
+# ----------------------------------------------------------------------------- one bad row fails alone
+
+def test_a_top_k_out_of_bounds_fails_that_request_alone(main, env):
+    import asyncio
+
+    async def run():
+        async with httpx.AsyncClient(base_url=main.url, headers=bearer(env.keys["inference"]), timeout=60) as c:
+            ok = {"model": "tiny", "prompt": "hello", "max_tokens": 20, "temperature": 0.8}
+            bodies = [ok] * 12 + [{**ok, "top_k": 2**63}] + [{**ok, "top_k": 10**9}] + [ok] * 12
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    rs = asyncio.run(run())
+    assert rs[12].status_code == 400 and rs[12].json()["error"]["param"] == "top_k", rs[12].text
+    assert [r.status_code for r in rs[:12] + rs[13:]] == [200] * 25  # top_k above the vocabulary keeps all
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("temperature", 2.5, "temperature"), ("temperature", -1, "temperature"), ("top_p", 0, "top_p"),
+    ("top_p", 1.5, "top_p"), ("n", 2, "n"), ("n", 0, "n"), ("logprobs", 6, "logprobs"), ("seed", -1, "seed"),
+    ("seed", 2**63, "seed"), ("stop", ["a"] * 5, "stop"), ("stop", "x" * 257, "stop"), ("top_k", -2, "top_k"),
+    ("max_tokens", "5", "max_tokens"),
+])
+def test_every_sampling_field_is_checked_against_its_bounds(main, env, field, value, param):
+    r = httpx.post(f"{main.url}/v1/completions", headers=bearer(env.keys["inference"]),
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_500_says_no_internal_detail(main, env, monkeypatch):
+    engine = main.server.engine
+
+    def broken(idx, cache):
+        raise RuntimeError("secret internals at 0xdeadbeef")
+
+    monkeypatch.setattr(engine, "_forward", broken)
+    r = httpx.post(f"{main.url}/v1/completions", headers=bearer(env.keys["inference"]),
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    monkeypatch.undo()
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert "0xdeadbeef" not in r.text and "RuntimeError" not in r.text and "request id" in error["message"]
+
+
+# ----------------------------------------------------------------------------- text that is no text
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\udfff"], "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "stop": ["\\ud800"], "max_tokens": 1}', "stop[0]"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": '
+     '[{"type": "text", "text": "\\ud800"}]}]}', "messages[0].content[0].text"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field_and_the_connection_serves_on(main, env, path, body, param):
+    conn = http.client.HTTPConnection("127.0.0.1", main.port, timeout=30)
+    headers = {**bearer(env.keys["inference"]), "Content-Type": "application/json"}
+    conn.request("POST", path, body=body.encode(), headers=headers)
+    r = conn.getresponse()
+    error = json.loads(r.read())["error"]
+    assert r.status == 400 and error["param"] == param and "surrogate" in error["message"], error
+    sock = conn.sock
+    assert sock is not None  # not closed by the server
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}),
+                 headers=headers)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["choices"][0]["text"]
+    assert conn.sock is sock  # the same keep-alive connection
+    conn.close()
+
+
+# ----------------------------------------------------------------------------- token ids are scored as sent
+
+def test_token_id_prompts_are_scored_as_sent_never_rewritten(env, tok):
+    ids = tok.encode("mail me@example.com").ids
+    live = env.start(*FAST)
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=env.keys["inference"], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:  # pii_action redact: would change them, so refused
+        client.completions.create(model="tiny", prompt=ids, max_tokens=1)
+    assert err.value.code == "content_blocked" and "pii" in err.value.message
+    r = client.completions.create(model="tiny", prompt="mail me@example.com", max_tokens=1)  # text: redacted
+    assert r.usage.prompt_tokens == len("mail [EMAIL]")
+    assert client.models.list().data[0].max_model_len == 512
+    live.stop()
+
+    live = env.start(*FAST, "safety.pii_action=flag")
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=env.keys["inference"], max_retries=0)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].text == "mail me@example.com"
+    assert len(r.choices[0].logprobs.tokens) == len(ids)
+    live.stop()
