@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +42,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from lmops.config import Config
+from lmops.errors import LmopsError
 from lmops.safety import STRENGTH, Moderation, moderate
 from lmops.serve.engine import Engine, EngineStopped, QueueFull, RequestHandle, SamplingParams
 from lmops.serve.metrics import Metrics
@@ -50,6 +52,7 @@ from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs,
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
                                   error_from_validation, request_models)
 from lmops.serve.source import ModelSource, ServedModel, chat_messages, render_plain
+from lmops.util import first_line
 
 log = logging.getLogger("lmops.serve")
 
@@ -102,6 +105,7 @@ class Server:
         self.closing = False
         self.metrics = Metrics(self._stats)
         self._tasks: list[asyncio.Task] = []
+        self._preloaded: tuple[ServedModel, Engine] | None = None
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------- life cycle
@@ -118,20 +122,32 @@ class Server:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, ENGINE_DRAIN_S)
 
-    async def _load(self) -> None:
+    def preload(self) -> None:
+        """Load the model and build its engine now, in the caller's thread: `serve` does, so that a model
+        that cannot be served fails the command (LmopsError) before the port is bound, not a probe later."""
         try:
-            served = await asyncio.to_thread(self.source.load)
+            served = self.source.load()
+            engine = self._engine_for(served)
         except Exception as err:
-            self.load_error = str(err)
-            log.error("could not load %s: %s", self.source.ref, err)
-            return
-        try:  # building the runtime's session takes a moment: off the event loop
-            engine = await asyncio.to_thread(Engine, served.model, max_batch=self.sc.max_batch,
-                                             max_waiting=self.sc.max_waiting, runtime=self.sc.runtime)
-        except ValueError as err:  # serve.runtime onnxruntime for a model it cannot run
-            self.load_error = str(err)
-            log.error("could not serve %s: %s", self.source.ref, err)
-            return
+            raise LmopsError(f"cannot serve {self.source.ref}: {first_line(err)}") from err
+        self._preloaded = served, engine
+
+    def _engine_for(self, served: ServedModel) -> Engine:
+        return Engine(served.model, max_batch=self.sc.max_batch, max_waiting=self.sc.max_waiting,
+                      runtime=self.sc.runtime)
+
+    async def _load(self) -> None:
+        if self._preloaded is not None:
+            (served, engine), self._preloaded = self._preloaded, None
+        else:
+            try:
+                served = await asyncio.to_thread(self.source.load)
+                # building the runtime's session takes a moment: off the event loop too
+                engine = await asyncio.to_thread(self._engine_for, served)
+            except Exception as err:  # also serve.runtime onnxruntime for a model it cannot run
+                self.load_error = first_line(err)
+                log.error("could not load %s: %s", self.source.ref, err)
+                return
         self.engine = engine.start()
         self.served = served
         log.info("serving %s v%s from %s on %s", served.name, served.version, self.source.ref, engine.runtime)
@@ -679,11 +695,16 @@ def serve(ws, cfg: Config, model_ref: str, host: str, port: int) -> None:
 
     from lmops.store import Store
 
+    # MLflow draws a progress bar per artifact download, which would fill a server's log
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    if not 1 <= port <= 65535:
+        raise LmopsError(f"port {port}: a TCP port is between 1 and 65535")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = ModelSource(ws, cfg, model_ref)  # a wrong reference fails here, before the port is bound
     store = Store.for_workspace(ws, cfg)
     try:
         app = create_app(cfg, source, store)
+        app.state.server.preload()  # so does a model that cannot be loaded or run
         uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s,
                     log_level="info", access_log=False)
     finally:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -178,3 +182,33 @@ def test_token_id_prompts_are_scored_as_sent_never_rewritten(env, tok):
     assert r.usage.prompt_tokens == len(ids) and r.choices[0].text == "mail me@example.com"
     assert len(r.choices[0].logprobs.tokens) == len(ids)
     live.stop()
+
+
+# ----------------------------------------------------------------------------- start-up
+
+def test_serve_refuses_a_port_outside_1_to_65535_and_turns_mlflow_progress_bars_off(env, monkeypatch):
+    from lmops.errors import LmopsError
+    from lmops.serve.app import serve
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    for port in (99999, 0, -1):
+        with pytest.raises(LmopsError, match=f"port {port}: .*1 and 65535"):
+            serve(env.ws, env.config(), str(env.model_dir), "127.0.0.1", port)
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+
+
+def test_a_model_that_cannot_load_fails_serve_before_the_port_is_bound(env, tmp_path):
+    bad = tmp_path / "bad" / "ckpt.safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    script = ("import sys; from lmops.serve.app import serve; from lmops.workspace import Workspace; "
+              "ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
+              "serve(ws, ws.config(), sys.argv[2], '127.0.0.1', int(sys.argv[3]))")
+    proc = subprocess.run([sys.executable, "-c", script, str(env.ws.root), str(bad), str(port)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "LmopsError: cannot serve" in proc.stderr, proc.stderr[-2000:]
+    assert "Uvicorn running" not in proc.stderr and "Started server" not in proc.stderr
