@@ -12,15 +12,19 @@ always points at a run this store knows.
 Metrics are buffered and sent by a background thread with one `log_batch` call every FLUSH_ROWS rows
 or FLUSH_SECONDS: a request per step, or a synchronous one every few, would slow a small model's
 training, which takes milliseconds a step.
+
+The default SQLite store is created atomically: its schema is built in a temporary file beside it,
+renamed into place when whole, under a file lock (a first setup killed midway leaves no half-made
+database; one left by an older lmops is rebuilt when it holds nothing).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -39,6 +43,7 @@ from mlflow.exceptions import MlflowException
 
 from lmops.config import Config
 from lmops.errors import LmopsError
+from lmops.util import first_line, sha256_file
 from lmops.workspace import Workspace
 
 DB_FILE = "mlflow.db"
@@ -64,15 +69,14 @@ def tracking_uri(ws: Workspace, cfg: Config) -> str:
     return cfg.tracking.tracking_uri or f"sqlite:///{ws.state / DB_FILE}"
 
 
-def configure(ws: Workspace, cfg: Config) -> str:
+def configure(ws: Workspace, cfg: Config, _retry: bool = False) -> str:
     """Point MLflow (tracking and registry) at the workspace's URI, create the experiment if missing,
-    make it the active one; return the URI."""
+    make it the active one; return the URI. The default SQLite store is created first if missing
+    (atomically, see create_local_store)."""
     uri = tracking_uri(ws, cfg)
-    if cfg.tracking.tracking_uri is None:
-        ws.state.mkdir(parents=True, exist_ok=True)
-        # MLflow's first use of a SQLite file creates its tables and says so on stderr at INFO
-        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    local = cfg.tracking.tracking_uri is None
+    if local:
+        create_local_store(ws.state / DB_FILE)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = cfg.tracking.experiment
@@ -80,16 +84,110 @@ def configure(ws: Workspace, cfg: Config) -> str:
         c = MlflowClient(uri, uri)
         exp = c.get_experiment_by_name(name)
         if exp is None:
-            location = (ws.state / ARTIFACTS_DIR).as_uri() if cfg.tracking.tracking_uri is None else None
+            location = (ws.state / ARTIFACTS_DIR).as_uri() if local else None
             c.create_experiment(name, artifact_location=location)
         elif exp.lifecycle_stage == "deleted":
             raise LmopsError(f"MLflow experiment '{name}' at {uri} is deleted; restore it (`mlflow experiments "
                              f"restore --experiment-id {exp.experiment_id}`) or set tracking.experiment")
         mlflow.set_experiment(name)
-    except MlflowException as err:
-        raise LmopsError(f"tracking.tracking_uri {uri}: MLflow failed ({_first_line(err)}); "
+    except LmopsError:
+        raise
+    except Exception as err:  # MlflowException, or SQLAlchemy's own from a database it cannot read
+        db = ws.state / DB_FILE
+        if local and not _retry and _half_made(db):
+            create_local_store(db, rebuild=True)
+            return configure(ws, cfg, _retry=True)
+        if local:
+            raise _unreadable_store(db, err) from None
+        raise LmopsError(f"tracking.tracking_uri {uri}: MLflow failed ({first_line(err)}); "
                          "check the URI and that the server is up") from None
     return uri
+
+
+def _unreadable_store(db: Path, err: Exception) -> LmopsError:
+    return LmopsError(f"{db}: not a usable MLflow tracking database ({first_line(err)}); move it aside "
+                      f"(`mv {db} {db}.bad`) to start an empty one, or restore it from a backup")
+
+
+def create_local_store(db: Path, rebuild: bool = False) -> None:
+    """Make db a whole MLflow SQLite database if there is none (rebuild: replace a half-made one).
+
+    MLflow creates its schema in many steps (tables, then dozens of migrations); a process killed
+    among them leaves a database that every later MLflow call fails on. So the schema is built in a
+    temporary file beside db and renamed over db when whole, under a lock so that two first runs do
+    not race. A database an older lmops left half-made (schema not complete, and nothing in it) is
+    rebuilt the same way (configure checks when MLflow fails on it); a corrupt one is never replaced."""
+    if db.is_file() and not rebuild:
+        return
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow's first use of a SQLite file creates its tables and says so on stderr at INFO
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with FileLock(str(db.with_name(f".{db.name}.lock"))):
+        if db.is_file() and not (rebuild and _half_made(db)):
+            return  # another process made (or rebuilt) it while this one waited
+        _drop_engines(f"sqlite:///{db}")
+        for stale in db.parent.glob(f".{db.name}.tmp-*"):  # left by a setup killed midway (we hold the lock)
+            stale.unlink(missing_ok=True)
+        tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+        try:
+            MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # MLflow makes its schema
+            _drop_engines(f"sqlite:///{tmp}")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, db)
+            _fsync_dir(db.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+            for suffix in ("-journal", "-wal", "-shm"):
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+
+def _half_made(db: Path) -> bool:
+    """Whether db is an MLflow database whose schema creation stopped midway and that holds nothing:
+    its schema revision is not MLflow's newest, and it has no runs, models or experiments but
+    MLflow's Default. A file SQLite cannot read is not half-made (configure reports it)."""
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                return True  # SQLite made the file, MLflow wrote nothing yet
+            revision = con.execute("SELECT version_num FROM alembic_version").fetchone() \
+                if "alembic_version" in tables else None
+            from mlflow.store.db.utils import _get_latest_schema_revision
+
+            if revision is not None and revision[0] == _get_latest_schema_revision():
+                return False
+            for table, most in (("runs", 0), ("registered_models", 0), ("experiments", 1)):
+                if table in tables and con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] > most:
+                    return False  # has content: an upgrade for `mlflow db upgrade`, not a half-made store
+            return True
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _drop_engines(uri: str) -> None:
+    """Close the connections MLflow's stores keep open on uri (they would go on reading the old file)."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store in (TrackingStore, RegistryStore):
+        engine = getattr(store, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def client(ws: Workspace, cfg: Config) -> MlflowClient:
@@ -98,9 +196,8 @@ def client(ws: Workspace, cfg: Config) -> MlflowClient:
     return MlflowClient(uri, uri)
 
 
-def _first_line(err: Exception) -> str:
-    text = getattr(err, "message", None) or str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+_first_line = first_line  # old name; other modules may still import it
+file_sha256 = sha256_file  # old name; other modules may still import it
 
 
 def git_commit(root: Path) -> tuple[str, str]:
@@ -124,11 +221,6 @@ def lmops_version() -> str:
         return version("lmops")
     except PackageNotFoundError:
         return "unknown"
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def flatten_config(cfg: Config) -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""The tracking store survives a kill -9 during its first setup, and says what to do when it is corrupt."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from lmops import tracking
+from lmops.errors import LmopsError
+from lmops.workspace import Workspace
+
+# Configures the workspace's tracking (the first MLflow setup), after saying it is about to.
+SETUP = """
+import sys
+from pathlib import Path
+from lmops import tracking
+from lmops.workspace import Workspace
+ws = Workspace(Path(sys.argv[1]))
+cfg = ws.config()
+print("ready", flush=True)
+tracking.configure(ws, cfg)
+print("done", flush=True)
+"""
+
+
+def _setup_killed_after(root, delay: float | None) -> float:
+    """Run SETUP on root and SIGKILL it `delay` seconds after its imports (None: let it finish);
+    return the seconds from its imports to its end."""
+    proc = subprocess.Popen([sys.executable, "-c", SETUP, str(root)], stdout=subprocess.PIPE, text=True,
+                            cwd=root)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        start = time.perf_counter()
+        if delay is not None:
+            time.sleep(delay)  # not synchronisation: the moment of the kill, spread over the setup
+            proc.kill()
+        code = proc.wait(timeout=120)
+        assert delay is not None or code == 0
+        return time.perf_counter() - start
+    finally:
+        proc.stdout.close()
+
+
+def test_a_kill_during_the_first_setup_never_breaks_the_store(workspace):
+    """Killed at several moments of its first setup, the next configure works (it used to fail on a
+    half-made database: `duplicate column name`, `table ... already exists`)."""
+    # how long the setup takes here, to spread the kills over it
+    took = _setup_killed_after(workspace.root, None)
+    roots = []
+    for i, fraction in enumerate((0.05, 0.2, 0.4, 0.6, 0.85)):
+        ws = Workspace(workspace.root.parent / f"ws{i}")
+        ws.root.mkdir()
+        (ws.root / "lmops.yaml").write_bytes(workspace.config_path.read_bytes())
+        _setup_killed_after(ws.root, took * fraction)
+        roots.append(ws)
+    for ws in roots:
+        cfg = ws.config()
+        uri = tracking.configure(ws, cfg)  # never raises
+        exp = MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
+        assert exp is not None and exp.artifact_location == (ws.state / "mlartifacts").as_uri()
+        assert not list(ws.state.glob(".mlflow.db.tmp-*"))
+
+
+def test_a_half_made_store_from_an_older_lmops_is_rebuilt(workspace):
+    """A database whose schema creation stopped midway (as an older lmops left it) and that holds
+    nothing is rebuilt instead of failing every later command."""
+    import sqlite3
+
+    workspace.state.mkdir(parents=True, exist_ok=True)
+    db = workspace.state / "mlflow.db"
+    con = sqlite3.connect(db)  # tables of MLflow's first migration, no schema version yet
+    con.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name VARCHAR(256))")
+    con.execute("CREATE TABLE runs (run_uuid VARCHAR(32) PRIMARY KEY, storage_location VARCHAR(256))")
+    con.commit()
+    con.close()
+    cfg = workspace.config()
+    uri = tracking.configure(workspace, cfg)
+    assert MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment) is not None
+
+
+@pytest.mark.parametrize("content", [b"this is not a database" * 100, b"SQLite format 3\x00" + b"\xff" * 2000])
+def test_a_corrupt_store_is_one_clear_error(workspace, content):
+    workspace.state.mkdir(parents=True, exist_ok=True)
+    db = workspace.state / "mlflow.db"
+    db.write_bytes(content)
+    with pytest.raises(LmopsError) as err:
+        tracking.configure(workspace, workspace.config())
+    message = str(err.value)
+    assert "\n" not in message and str(db) in message and "move it aside" in message
+    assert db.read_bytes() == content  # never replaced: it may hold runs someone wants back
