@@ -196,10 +196,14 @@ def scalar_metrics(results: dict) -> dict[str, float]:
     return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def log_evaluation(run_id: str | None, results: dict) -> str:
+def log_evaluation(run_id: str | None, results: dict, model_id: str | None = None) -> str:
     """Log the scalars as `eval.<metric>` metrics of run_id (None: a new run 'evaluate' in the active
     experiment, see lmops.tracking.configure) and the whole results as evaluation/results.json.
-    Prefixed, so the full-split val_bpb is not mixed into the history of training's estimates."""
+    Prefixed, so the full-split val_bpb is not mixed into the history of training's estimates.
+
+    The metrics are linked to model_id, an MLflow logged model (by default the run's, when it is of
+    the evaluated checkpoint: same sha256), which is what the registry reads a version's evaluation
+    from."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -208,11 +212,24 @@ def log_evaluation(run_id: str | None, results: dict) -> str:
     if run_id is None:
         with mlflow.start_run(run_name="evaluate") as run:
             run_id = run.info.run_id
+    elif model_id is None:
+        model_id = _model_of_checkpoint(client.get_run(run_id).data.tags, results.get("checkpoint"))
     ts, step = int(time.time() * 1000), int(results.get("checkpoint_step", 0))
-    metrics = [Metric(f"eval.{k}", v, ts, step) for k, v in scalar_metrics(results).items()]
+    metrics = [Metric(f"eval.{k}", v, ts, step, model_id=model_id) for k, v in scalar_metrics(results).items()]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, results, "evaluation/results.json")
     return run_id
+
+
+def _model_of_checkpoint(run_tags: dict, checkpoint: str | None) -> str | None:
+    """The run's logged model (lmops.tracking.log_model) if it is of this checkpoint file."""
+    from lmops import tracking
+    from lmops.util import sha256_file
+
+    model_id, sha = run_tags.get(tracking.TAG_MODEL_ID), run_tags.get(tracking.TAG_CHECKPOINT_SHA)
+    if not (model_id and sha and checkpoint and Path(checkpoint).is_file()):
+        return None
+    return model_id if sha256_file(checkpoint) == sha else None
 
 
 # ----------------------------------------------------------------------------- gates

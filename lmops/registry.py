@@ -1,9 +1,11 @@
 """The model registry: versions of a model, their evidence, and the alias that says which to serve.
 
-Built on the MLflow Model Registry at the tracking URI (lmops/tracking.py). A version is a run's
-`checkpoint/` artifact folder (safetensors checkpoint + tokenizer), tagged with what it was made from
-(dataset version, run, git commit, tokenizer and checkpoint sha256) and how it did (`eval.<metric>`
-tags, `gates=passed|failed`), with a model card. Two aliases carry the life cycle:
+Built on the MLflow Model Registry at the tracking URI (lmops/tracking.py). A version is the run's
+logged MLflow model (tracking.log_model: weights-only checkpoint + tokenizer, a pyfunc that generates
+text, so `mlflow.pyfunc.load_model("models:/NAME@champion")` works), tagged with what it was made
+from (dataset version, run, git commit, tokenizer and checkpoint sha256) and its gate verdict
+(`gates=passed|failed`), with a model card. Its evaluation is `eval.<metric>` MLflow metrics of the
+run, linked to the logged model. Two aliases carry the life cycle:
 - challenger: the last registered version;
 - champion: the promoted version, the one to serve. `promote` moves it only when the version passes
   the gates again, relative gates judged against the champion of that moment (not the one at
@@ -13,6 +15,12 @@ tags, `gates=passed|failed`), with a model card. Two aliases carry the life cycl
 State changes call `audit(action, subject, details, reason)` when given (Store.audit with the actor
 bound, in the CLI), subject `model:NAME/VERSION`: model.registered, model.alias_set (challenger),
 model.approved, model.gate_overridden, model.promoted (the champion alias moved).
+
+Registration is idempotent per run and checkpoint: a version already made from them is returned,
+and one a crash left unfinished (no `lmops.registration=complete` tag) is finished: model card,
+audit entries, challenger alias, each step done once and marked on the version. A kill at any point
+leaves either no version or one the next `register` completes; the window between an audit entry
+and its mark is the only place a crash can repeat an entry (never lose one).
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import math
 import os
 import re
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -33,6 +43,7 @@ from lmops import tracking
 from lmops.config import Config
 from lmops.errors import LmopsError
 from lmops.evaluate import GateResult, check_gates, scalar_metrics
+from lmops.util import first_line, sha256_file
 from lmops.workspace import Workspace
 
 Audit = Callable[[str, str, dict, str | None], None]
@@ -43,7 +54,9 @@ TAG_GATES_FAILED = "gates.failed"
 TAG_APPROVED_BY, TAG_APPROVED_AT = "approved_by", "approved_at"
 TAG_MODEL_CARD = "model_card"
 TAG_OVERRIDE = "gate_override"
-EVAL_PREFIX = "eval."
+EVAL_PREFIX = "eval."  # evaluation metrics (MLflow metrics; tags on versions registered before)
+TAG_STATE = "lmops.registration"  # "complete" once card, audit entries and alias are done
+TAG_DONE = "lmops.registration.done."  # + step: a completion step done (card, registered, challenger)
 DESCRIPTION_LIMIT = 5000  # MLflow's column for a version's description
 
 
@@ -61,18 +74,21 @@ def _now() -> str:
 
 
 def _mlflow_error(what: str, err: MlflowException) -> LmopsError:
-    return LmopsError(f"{what}: MLflow failed ({tracking._first_line(err)})")
+    return LmopsError(f"{what}: MLflow failed ({first_line(err)})")
 
 
 # ----------------------------------------------------------------------------- register
 
 def register(ws: Workspace, cfg: Config, run_id: str, ckpt_path: Path, eval_results: dict,
              gate_results: list[GateResult], dataset_id: str | None, audit: Audit | None = None) -> str:
-    """Register the run's checkpoint as a new version of registry.model_name, alias it challenger,
-    write its model card; return the version number.
+    """Register the run's checkpoint as a version of registry.model_name (its MLflow model), alias
+    it challenger, write its model card; return the version number.
 
-    The checkpoint is logged to the run first unless the run already holds this very file (same
-    sha256), so a version always points at the bytes that were evaluated.
+    The checkpoint is logged to the run as an MLflow model first unless the run's model is of this
+    very file (same sha256), so a version always holds the bytes that were evaluated; eval_results
+    become `eval.<metric>` metrics linked to that model (unless they are there already, as
+    evaluate.log_evaluation logs them). Idempotent: a version of this run and checkpoint is returned
+    (and finished, if a crash stopped its registration) instead of registering another.
     """
     c = tracking.client(ws, cfg)
     name = cfg.registry.model_name
@@ -83,54 +99,139 @@ def register(ws: Workspace, cfg: Config, run_id: str, ckpt_path: Path, eval_resu
         run = c.get_run(run_id)
     except MlflowException as err:
         raise LmopsError(f"run {run_id}: not found at {tracking.tracking_uri(ws, cfg)} "
-                         f"({tracking._first_line(err)}); register a run of this workspace's tracking store") from None
-    sha = tracking.file_sha256(ckpt_path)
-    if run.data.tags.get(tracking.TAG_CHECKPOINT_SHA) != sha:
-        tracking.log_checkpoint(run_id, ckpt_path, c)
-    run = c.get_run(run_id)
-    rtags = run.data.tags
-    dataset_id = dataset_id or rtags.get(tracking.TAG_DATASET)
+                         f"({first_line(err)}); register a run of this workspace's tracking store") from None
+    sha = sha256_file(ckpt_path)
     gate_results = [GateResult(**g) if isinstance(g, dict) else g for g in gate_results]  # as stored in JSON
-    passed = all(g.passed for g in gate_results)
-    tags = {
-        tracking.TAG_RUN: rtags.get(tracking.TAG_RUN, run.info.run_name or ""),
-        "run_id": run_id,
-        tracking.TAG_GIT_COMMIT: rtags.get(tracking.TAG_GIT_COMMIT, "unknown"),
-        tracking.TAG_TOKENIZER: rtags.get(tracking.TAG_TOKENIZER, "unknown"),
-        tracking.TAG_CHECKPOINT_SHA: sha,
-        tracking.TAG_VERSION: rtags.get(tracking.TAG_VERSION, tracking.lmops_version()),
-        TAG_GATES: "passed" if passed else "failed",
-    }
-    if dataset_id:
-        tags[tracking.TAG_DATASET] = dataset_id
-    failed = [g.name for g in gate_results if not g.passed]
-    if failed:
-        tags[TAG_GATES_FAILED] = ",".join(failed)
-    tags |= {f"{EVAL_PREFIX}{k}": repr(v) for k, v in scalar_metrics(eval_results).items()}
     try:
         try:
             c.get_registered_model(name)
         except MlflowException:
             c.create_registered_model(name, description="Language models trained with lmops; "
                                       "alias 'champion' is the one to serve, 'challenger' the newest.")
-        mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{tracking.CHECKPOINT_ARTIFACT}",
-                                    run_id=run_id, tags=tags)
-        version = str(mv.version)
-        card = model_card(name, version, run, ckpt_path, eval_results, gate_results, dataset_id)
+        mv = _version_of(c, name, run_id, sha)
+        if mv is None:
+            model_id = _model_of(c, run, sha)
+            if model_id is None:
+                tracking.log_model(run_id, ckpt_path, c)
+                run = c.get_run(run_id)
+                model_id = run.data.tags[tracking.TAG_MODEL_ID]
+            _link_evaluation(c, run_id, model_id, eval_results)
+            tags = _version_tags(c, run, model_id, sha, gate_results, dataset_id)
+            mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+                                        model_id=model_id)
+        if (mv.tags or {}).get(TAG_STATE) != "complete":
+            _complete(c, mv, run, ckpt_path, eval_results, gate_results, audit)
+    except MlflowException as err:
+        raise _mlflow_error(f"registering run {run_id} as {name}", err) from None
+    return str(mv.version)
+
+
+def _quoted(value: str) -> str:
+    """value in an MLflow filter string, which has no escapes: quoted with a quote it does not hold."""
+    quote = next((q for q in ("'", '"') if q not in value), None)
+    if quote is None:
+        raise LmopsError(f"{value!r}: a model name or run id may not hold both kinds of quote")
+    return f"{quote}{value}{quote}"
+
+
+def _version_of(c: MlflowClient, name: str, run_id: str, sha: str) -> ModelVersion | None:
+    """The (first) version of name registered from run_id's checkpoint with this sha256."""
+    found = c.search_model_versions(f"name = {_quoted(name)} and run_id = {_quoted(run_id)}")
+    mine = [mv for mv in found if (mv.tags or {}).get(tracking.TAG_CHECKPOINT_SHA) == sha]
+    return min(mine, key=lambda mv: int(mv.version)) if mine else None
+
+
+def _model_of(c: MlflowClient, run, sha: str) -> str | None:
+    """The id of the run's logged model of the checkpoint with this sha256, None if it has none."""
+    tags = run.data.tags
+    model_id = tags.get(tracking.TAG_MODEL_ID)
+    if not model_id or tags.get(tracking.TAG_CHECKPOINT_SHA) != sha:
+        return None
+    try:
+        c.get_logged_model(model_id)
+    except MlflowException:
+        return None  # deleted since
+    return model_id
+
+
+def _version_tags(c: MlflowClient, run, model_id: str, sha: str, gate_results: list[GateResult],
+                  dataset_id: str | None) -> dict[str, str]:
+    rtags = run.data.tags
+    dataset_id = dataset_id or (tracking.training_dataset(run) or {}).get("id") or rtags.get(tracking.TAG_DATASET)
+    failed = [g.name for g in gate_results if not g.passed]
+    tags = {
+        tracking.TAG_RUN: rtags.get(tracking.TAG_RUN, run.info.run_name or ""),
+        "run_id": run.info.run_id,
+        tracking.TAG_GIT_COMMIT: rtags.get(tracking.TAG_GIT_COMMIT, "unknown"),
+        tracking.TAG_TOKENIZER: rtags.get(tracking.TAG_TOKENIZER, "unknown"),
+        tracking.TAG_CHECKPOINT_SHA: sha,
+        tracking.TAG_MODEL_ID: model_id,
+        tracking.TAG_VERSION: rtags.get(tracking.TAG_VERSION, tracking.lmops_version()),
+        TAG_GATES: "failed" if failed else "passed",
+    }
+    weights = c.get_logged_model(model_id).tags.get(tracking.TAG_WEIGHTS_SHA)
+    if weights:
+        tags[tracking.TAG_WEIGHTS_SHA] = weights
+    if dataset_id:
+        tags[tracking.TAG_DATASET] = dataset_id
+    if failed:
+        tags[TAG_GATES_FAILED] = ",".join(failed)
+    return tags
+
+
+def _link_evaluation(c: MlflowClient, run_id: str, model_id: str, results: dict) -> None:
+    """results' numbers as eval.<metric> metrics of the run linked to its model, unless the model
+    has exactly these already (evaluate.log_evaluation links them when it knows the model)."""
+    scalars = scalar_metrics(results)
+    if _same(_model_evaluation(c, model_id), scalars):
+        return
+    ts, step = int(time.time() * 1000), int(results.get("checkpoint_step", 0) or 0)
+    metrics = [Metric(f"{EVAL_PREFIX}{k}", v, ts, step, model_id=model_id) for k, v in scalars.items()]
+    for i in range(0, len(metrics), 1000):
+        c.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def _same(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or math.isnan(a[k]) and math.isnan(b[k]) for k in a)
+
+
+def _complete(c: MlflowClient, mv: ModelVersion, run, ckpt_path: Path, results: dict,
+              gate_results: list[GateResult], audit: Audit | None) -> None:
+    """Finish a version's registration: model card, the model.registered audit entry, the
+    challenger alias (and its audit entry), then the completion tag. Each step is marked on the
+    version when done, so a re-run after a crash does only what is left."""
+    name, version = mv.name, str(mv.version)
+    tags = dict(mv.tags or {})
+    run_id = run.info.run_id
+
+    def done(step: str) -> bool:
+        return tags.get(TAG_DONE + step) == "1"
+
+    def mark(step: str) -> None:
+        c.set_model_version_tag(name, version, TAG_DONE + step, "1")
+
+    if not done("card"):
+        card = model_card(name, version, run, ckpt_path, results, gate_results, tags.get(tracking.TAG_DATASET))
         card_file = f"model_cards/{name}-v{version}.md"
         c.log_text(run_id, card, card_file)
         c.set_model_version_tag(name, version, TAG_MODEL_CARD, f"{run.info.artifact_uri}/{card_file}")
         description = card if len(card) <= DESCRIPTION_LIMIT else card[:DESCRIPTION_LIMIT - 200] + \
             f"\n\n(cut; the whole card is the run artifact {card_file})"
         c.update_model_version(name, version, description=description)
-    except MlflowException as err:
-        raise _mlflow_error(f"registering run {run_id} as {name}", err) from None
-    finite = {k: v for k, v in scalar_metrics(eval_results).items() if math.isfinite(v)}  # audit JSON has no NaN
-    _audit(audit, "model.registered", _subject(name, version),
-           {"run_id": run_id, "dataset_id": dataset_id, "gates": tags[TAG_GATES], "checkpoint_sha256": sha,
-            "metrics": finite})
-    _move_alias(c, name, CHALLENGER, version, audit, "model.alias_set")
-    return version
+        mark("card")
+    if not done("registered"):
+        finite = {k: v for k, v in scalar_metrics(results).items() if math.isfinite(v)}  # audit JSON has no NaN
+        _audit(audit, "model.registered", _subject(name, version),
+               {"run_id": run_id, "dataset_id": tags.get(tracking.TAG_DATASET), "gates": tags.get(TAG_GATES),
+                "checkpoint_sha256": tags.get(tracking.TAG_CHECKPOINT_SHA), "model_uri": mv.source,
+                "metrics": finite})
+        mark("registered")
+    if not done("challenger"):
+        current = _aliases(c, name).get(CHALLENGER)
+        if current is None or int(current) <= int(version):  # a newer version registered meanwhile keeps it
+            _move_alias(c, name, CHALLENGER, version, audit, "model.alias_set")
+        mark("challenger")
+    c.set_model_version_tag(name, version, TAG_STATE, "complete")
 
 
 def _move_alias(c: MlflowClient, name: str, alias: str, version: str, audit: Audit | None, action: str,
@@ -147,8 +248,14 @@ def _aliases(c: MlflowClient, name: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- promote and approve
 
-def eval_metrics(mv: ModelVersion) -> dict[str, float]:
-    """A version's evaluation, read back from its eval.<metric> tags."""
+def eval_metrics(mv: ModelVersion, client: MlflowClient | None = None) -> dict[str, float]:
+    """A version's evaluation: the eval.<metric> metrics linked to its model (the newest value of
+    each); for a version registered before they were metrics, its eval.<metric> tags."""
+    model_id = model_id_of(mv)
+    if model_id:
+        found = _model_evaluation(client or MlflowClient(), model_id)
+        if found:
+            return found
     out = {}
     for key, value in (mv.tags or {}).items():
         if key.startswith(EVAL_PREFIX):
@@ -159,6 +266,28 @@ def eval_metrics(mv: ModelVersion) -> dict[str, float]:
     return out
 
 
+def model_id_of(mv: ModelVersion) -> str | None:
+    """The id of the logged MLflow model a version is (MLflow's SQL registry does not keep
+    ModelVersion.model_id: the version's tag, else its models:/m-... source), None for a version
+    registered before lmops logged MLflow models."""
+    source = mv.source or ""
+    from_source = source.removeprefix("models:/") if re.fullmatch(r"models:/m-[0-9a-f]+", source) else None
+    return mv.model_id or (mv.tags or {}).get(tracking.TAG_MODEL_ID) or from_source
+
+
+def _model_evaluation(c: MlflowClient, model_id: str) -> dict[str, float]:
+    """metric -> the newest eval.<metric> value linked to the logged model."""
+    try:
+        metrics = c.get_logged_model(model_id).metrics or []
+    except MlflowException:
+        return {}
+    newest: dict[str, Metric] = {}
+    for m in metrics:
+        if m.key.startswith(EVAL_PREFIX) and (m.key not in newest or m.timestamp >= newest[m.key].timestamp):
+            newest[m.key] = m
+    return {k.removeprefix(EVAL_PREFIX): float(m.value) for k, m in newest.items()}
+
+
 def champion_metrics(ws: Workspace, cfg: Config) -> dict[str, float] | None:
     """The current champion's evaluation (for check_gates), None while there is none."""
     c = tracking.client(ws, cfg)
@@ -167,7 +296,7 @@ def champion_metrics(ws: Workspace, cfg: Config) -> dict[str, float] | None:
         version = _aliases(c, name).get(CHAMPION)
     except MlflowException:
         return None  # no registered model yet
-    return eval_metrics(c.get_model_version(name, version)) if version else None
+    return eval_metrics(c.get_model_version(name, version), c) if version else None
 
 
 def promote(ws: Workspace, cfg: Config, ref: str = CHALLENGER, audit: Audit | None = None,
@@ -184,8 +313,8 @@ def promote(ws: Workspace, cfg: Config, ref: str = CHALLENGER, audit: Audit | No
     current = _aliases(c, name).get(CHAMPION)
     if current == version:
         return version
-    champion = eval_metrics(c.get_model_version(name, current)) if current else None
-    gates = check_gates(eval_metrics(mv), cfg.evaluate.gates, champion)
+    champion = eval_metrics(c.get_model_version(name, current), c) if current else None
+    gates = check_gates(eval_metrics(mv, c), cfg.evaluate.gates, champion)
     failed = [g for g in gates if not g.passed]
     if failed and force_reason is None:
         listed = "; ".join(f"{g.name}: {g.detail}" for g in failed)
@@ -262,8 +391,8 @@ def resolve(ws: Workspace, cfg: Config, ref: str) -> ModelVersion:
 
 
 def lineage(ws: Workspace, cfg: Config, ref: str) -> dict:
-    """Where a version came from: version -> run -> dataset version -> tokenizer -> code, and its
-    aliases, evaluation, gates and approval."""
+    """Where a version came from: version -> run -> dataset version (the run's MLflow input, else its
+    tag) -> tokenizer -> code, and its aliases, evaluation (metrics), gates and approval."""
     c = tracking.client(ws, cfg)
     mv = resolve(ws, cfg, ref)
     tags = mv.tags or {}
@@ -283,17 +412,18 @@ def lineage(ws: Workspace, cfg: Config, ref: str) -> dict:
             "gates": tags.get(TAG_GATES), "gates_failed": tags.get(TAG_GATES_FAILED),
             "approved_by": tags.get(TAG_APPROVED_BY), "gate_override": tags.get(TAG_OVERRIDE),
             "model_card": tags.get(TAG_MODEL_CARD), "checkpoint_sha256": tags.get(tracking.TAG_CHECKPOINT_SHA),
+            "model_id": model_id_of(mv), "complete": tags.get(TAG_STATE) == "complete",
         },
         "run": {
             "id": mv.run_id, "name": run.info.run_name if run else tag(tracking.TAG_RUN),
             "status": run.info.status if run else "deleted", "experiment_id": run.info.experiment_id if run else None,
             "checkpoint_step": rtags.get(tracking.TAG_CHECKPOINT_STEP),
         },
-        "dataset": _dataset_lineage(ws, tag(tracking.TAG_DATASET)),
+        "dataset": _dataset_lineage(ws, (tracking.training_dataset(run) or {}).get("id") or tag(tracking.TAG_DATASET)),
         "tokenizer": {"sha256": tag(tracking.TAG_TOKENIZER)},
         "code": {"git_commit": tag(tracking.TAG_GIT_COMMIT), "git_repo": rtags.get(tracking.TAG_GIT_REPO),
                  "lmops_version": tag(tracking.TAG_VERSION)},
-        "eval": eval_metrics(mv),
+        "eval": eval_metrics(mv, c),
     }
 
 
@@ -348,9 +478,12 @@ def render_lineage(lin: dict):
 
 
 def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
-    """The version's checkpoint as a local file, its tokenizer beside it (for Checkpoint and
-    load_tokenizer): .lmops/models/NAME/VERSION/ckpt.safetensors, downloaded once and checked
-    against the sha256 recorded at registration."""
+    """The version's weights-only checkpoint as a local file, its tokenizer beside it (for Checkpoint
+    and load_tokenizer): .lmops/models/NAME/VERSION/ckpt.safetensors, the `model` artifact of its
+    MLflow model, downloaded once (no progress bars) and checked against the sha256 recorded at
+    registration. A version registered before MLflow models gives its run's training checkpoint."""
+    from lmops import mlflow_model
+
     mv = resolve(ws, cfg, ref)
     name, version = mv.name, str(mv.version)
     dest = ws.state / "models" / name / version
@@ -359,19 +492,24 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
         return ckpt
     import mlflow.artifacts
 
+    tags = mv.tags or {}
     tmp = dest.with_name(f".{version}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         uri = tracking.client(ws, cfg).get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
-                                                         tracking_uri=tracking.tracking_uri(ws, cfg)))
+        if model_id_of(mv):
+            uri, want = f"{uri.rstrip('/')}/artifacts/{mlflow_model.ARTIFACT}", tags.get(tracking.TAG_WEIGHTS_SHA)
+        else:
+            want = tags.get(tracking.TAG_CHECKPOINT_SHA)
+        with tracking.quiet_downloads():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
+                                                             tracking_uri=tracking.tracking_uri(ws, cfg)))
         got = local / tracking.CHECKPOINT_FILE
         if not got.is_file():
             raise LmopsError(f"{name} v{version}: its artifacts at {uri} hold no {tracking.CHECKPOINT_FILE}; "
                              "register the run's checkpoint again")
-        want = (mv.tags or {}).get(tracking.TAG_CHECKPOINT_SHA)
-        if want and tracking.file_sha256(got) != want:
+        if want and sha256_file(got) != want:
             raise LmopsError(f"{name} v{version}: downloaded checkpoint does not match the sha256 recorded at "
                              f"registration; its artifacts at {uri} were changed, register it again")
         shutil.rmtree(dest, ignore_errors=True)
@@ -381,6 +519,36 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ckpt
+
+
+def list_versions(ws: Workspace, cfg: Config) -> list[dict]:
+    """The versions of registry.model_name, newest first: version, aliases, created, run (id and
+    name), gates verdict, approved_by, whether its registration is complete, and key metrics
+    (val_bpb, val_loss, safety_pass_rate; None when not evaluated). [] when nothing is registered."""
+    c = tracking.client(ws, cfg)
+    name = cfg.registry.model_name
+    try:
+        aliases = _aliases(c, name)
+    except MlflowException:
+        return []
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(v, []).append(alias)
+    out = []
+    for mv in sorted(c.search_model_versions(f"name = {_quoted(name)}"), key=lambda mv: -int(mv.version)):
+        tags = mv.tags or {}
+        metrics = eval_metrics(mv, c)
+        out.append({
+            "version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "run_id": mv.run_id, "run_name": tags.get(tracking.TAG_RUN), "gates": tags.get(TAG_GATES),
+            "approved_by": tags.get(TAG_APPROVED_BY), "complete": tags.get(TAG_STATE) == "complete",
+            **{k: metrics.get(k) for k in LIST_METRICS},
+        })
+    return out
+
+
+LIST_METRICS = ("val_bpb", "val_loss", "safety_pass_rate")
 
 
 # ----------------------------------------------------------------------------- model card

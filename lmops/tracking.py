@@ -13,6 +13,11 @@ Metrics are buffered and sent by a background thread with one `log_batch` call e
 or FLUSH_SECONDS: a request per step, or a synchronous one every few, would slow a small model's
 training, which takes milliseconds a step.
 
+A run's model is logged as a standard MLflow model (log_model): a weights-only checkpoint and the
+tokenizer under a pyfunc flavor that generates text (lmops/mlflow_model.py), which the registry
+registers and `mlflow.pyfunc.load_model` loads. The run's dataset version is an MLflow input of the
+run (context `training`).
+
 The default SQLite store is created atomically: its schema is built in a temporary file beside it,
 renamed into place when whole, under a file lock (a first setup killed midway leaves no half-made
 database; one left by an older lmops is rebuilt when it holds nothing).
@@ -29,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,8 +54,9 @@ from lmops.workspace import Workspace
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-CHECKPOINT_ARTIFACT = "checkpoint"  # run artifact folder: ckpt.safetensors + tokenizer files
+CHECKPOINT_ARTIFACT = "checkpoint"  # run artifact folder of versions registered before MLflow models
 CHECKPOINT_FILE = "ckpt.safetensors"  # the name lmops.train writes and lmops.checkpoint looks for
+MODEL_NAME = "model"  # the logged model's name in its run
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FLUSH_ROWS = 50
 FLUSH_SECONDS = 2.0
@@ -63,6 +70,9 @@ TAG_TOKENIZER = "lmops.tokenizer_sha256"
 TAG_RUN = "lmops.run"
 TAG_CHECKPOINT_SHA = "lmops.checkpoint_sha256"
 TAG_CHECKPOINT_STEP = "lmops.checkpoint_step"
+TAG_MODEL_ID = "lmops.model_id"  # the run's logged MLflow model of the checkpoint TAG_CHECKPOINT_SHA names
+TAG_WEIGHTS_SHA = "lmops.weights_sha256"  # its weights-only checkpoint (what a download is checked against)
+INPUT_TAG_DATASET = "lmops.dataset_id"  # the whole dataset id, on the run's dataset input
 
 
 def tracking_uri(ws: Workspace, cfg: Config) -> str:
@@ -246,6 +256,9 @@ class TrainingRun:
     log: Callable[[str], None] = print
     pending: list[Metric] = field(default_factory=list)
     warned: bool = False
+    logged_through: dict[str, int] = field(default_factory=dict)  # metric -> last step MLflow has (resume)
+    on_first_row: Callable[[], None] | None = None  # run once, before the first row is buffered
+    rows: int = 0  # rows received (sent or skipped as already logged)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -256,15 +269,21 @@ class TrainingRun:
             self._sender.start()
 
     def log_row(self, row: dict) -> None:
-        """One training step's row: every number but step and time becomes a metric at that step."""
+        """One training step's row: every number but step and time becomes a metric at that step,
+        except a metric MLflow already has at that step or later (a resumed run re-does the steps
+        after its last checkpoint, which a crashed process may have logged already)."""
         step, ts = int(row["step"]), int(time.time() * 1000)
         metrics = [Metric(key, float(value), ts, step) for key, value in row.items()
-                   if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)]
+                   if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and step > self.logged_through.get(key, -1)]
         if self.client is None:
             return
+        if self.rows == 0 and self.on_first_row is not None:
+            self.on_first_row()
+        self.rows += 1
         with self._lock:
             self.pending.extend(metrics)
-            if len(self.pending) >= FLUSH_ROWS * len(metrics):
+            if len(self.pending) >= FLUSH_ROWS * max(1, len(metrics)):
                 self._wake.set()
 
     def _send_loop(self) -> None:
@@ -287,7 +306,7 @@ class TrainingRun:
             with self._lock:
                 self.pending = batch[i:] + self.pending
             if not self.warned:
-                self.log(f"warning: MLflow logging failed ({_first_line(err)}); retrying later (metrics.jsonl has "
+                self.log(f"warning: MLflow logging failed ({first_line(err)}); retrying later (metrics.jsonl has "
                          "every row)")
                 self.warned = True
 
@@ -302,17 +321,28 @@ class TrainingRun:
             self._send()
 
     def log_checkpoint(self, ckpt_path: Path) -> str:
-        return log_checkpoint(self.run_id, ckpt_path, self.client) if self.client is not None else ""
+        """The checkpoint as the run's MLflow model (log_model); its URI, "" on a process that does not
+        track. The metrics buffered so far are sent first: the model links the run's metrics at its step."""
+        if self.client is None:
+            return ""
+        self._send()
+        return log_model(self.run_id, ckpt_path, self.client)
+
+    log_model = log_checkpoint
 
 
 @contextmanager
 def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, tokenizer_path: Path, run_name: str,
                        resume: bool = False, log: Callable[[str], None] = print) -> Iterator[TrainingRun]:
-    """An MLflow run for a training run: params, tags and config/tokenizer artifacts logged at the
-    start, metrics as they come, status FINISHED or FAILED at the end.
+    """An MLflow run for a training run: params, tags, the dataset version (an MLflow input, context
+    `training`) and config/tokenizer artifacts logged at the start, metrics as they come, status
+    FINISHED or FAILED at the end.
 
     resume: continue the newest MLflow run of that name (as `lmops train --resume` continues the
-    checkpoint), so one training run stays one MLflow run; params already logged keep their values.
+    checkpoint), so one training run stays one MLflow run; params already logged keep their values,
+    and metrics MLflow has up to some step are not logged again for the steps training re-does.
+    A resumed run is touched only when training sends its first row: a resume refused before any
+    step (the checkpoint does not match the config) leaves the run as it was, FINISHED stays FINISHED.
     Under torchrun only rank 0 creates a run; the other processes get one that logs nothing.
     """
     if int(os.environ.get("RANK", "0")) > 0:
@@ -324,37 +354,87 @@ def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, token
     commit, whose = git_commit(ws.root)
     tags = {
         TAG_RUN: run_name, TAG_GIT_COMMIT: commit, TAG_GIT_REPO: whose, TAG_VERSION: lmops_version(),
-        TAG_TOKENIZER: file_sha256(tokenizer_path), "mlflow.source.git.commit": commit,
+        TAG_TOKENIZER: sha256_file(tokenizer_path), "mlflow.source.git.commit": commit,
     }
     if dataset_id is not None:
         tags[TAG_DATASET] = dataset_id
-    run = _latest_run(c, exp.experiment_id, run_name) if resume else None
-    if run is None:
-        run = c.create_run(exp.experiment_id, run_name=run_name, tags=tags)
-        logged: dict[str, str] = {}
+    found = _latest_run(c, exp.experiment_id, run_name) if resume else None
+    run = found or c.create_run(exp.experiment_id, run_name=run_name, tags=tags)
+    run_id, resumed = run.info.run_id, found is not None
+
+    def start() -> None:
+        """Everything but the metrics: at once for a new run, at the first row for a resumed one."""
+        if resumed:
+            c.update_run(run_id, status="RUNNING")
+            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        params = [Param(k, v) for k, v in flatten_config(cfg).items() if k not in run.data.params]
+        for i in range(0, len(params), 100):  # MLflow's limit of params per batch
+            c.log_batch(run_id, params=params[i:i + 100])
+        if dataset_id is not None:
+            log_dataset(ws, c, run_id, dataset_id)
+        c.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), "config/lmops.yaml")
+        for name in TOKENIZER_FILES:
+            if (tokenizer_path.parent / name).is_file():
+                c.log_artifact(run_id, str(tokenizer_path.parent / name), "tokenizer")
+
+    if resumed:
+        tracked = TrainingRun(run_id, c, log, logged_through=_last_steps(c, run), on_first_row=start)
     else:
-        c.update_run(run.info.run_id, status="RUNNING")
-        c.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        logged = run.data.params
-    run_id = run.info.run_id
-    params = [Param(k, v) for k, v in flatten_config(cfg).items() if k not in logged]
-    for i in range(0, len(params), 100):  # MLflow's limit of params per batch
-        c.log_batch(run_id, params=params[i:i + 100])
-    c.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), "config/lmops.yaml")
-    for name in TOKENIZER_FILES:
-        if (tokenizer_path.parent / name).is_file():
-            c.log_artifact(run_id, str(tokenizer_path.parent / name), "tokenizer")
-    tracked = TrainingRun(run_id, c, log)
+        start()
+        tracked = TrainingRun(run_id, c, log)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         yield tracked
         status = RunStatus.to_string(RunStatus.FINISHED)
     finally:
         tracked.close()
-        try:
-            c.set_terminated(run_id, status)
-        except MlflowException as err:
-            log(f"warning: could not mark MLflow run {run_id} {status} ({_first_line(err)})")
+        if resumed and tracked.rows == 0 and status != RunStatus.to_string(RunStatus.FINISHED):
+            pass  # refused before its first step: the run was not touched, its status stays
+        else:
+            try:
+                c.set_terminated(run_id, status)
+            except MlflowException as err:
+                log(f"warning: could not mark MLflow run {run_id} {status} ({first_line(err)})")
+
+
+def _last_steps(c: MlflowClient, run) -> dict[str, int]:
+    """metric -> the highest step MLflow has of it in run."""
+    return {key: max((m.step for m in c.get_metric_history(run.info.run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
+def log_dataset(ws: Workspace, c: MlflowClient, run_id: str, dataset_id: str) -> None:
+    """The dataset version as an MLflow input of the run (context `training`): name its short id,
+    digest its id's first 36 characters (MLflow's column width), source its folder; the whole id is
+    the input's tag lmops.dataset_id. An id that is not a dataset version of this workspace is
+    logged with no source folder."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from lmops.data.dataset import load_dataset
+
+    try:
+        version = load_dataset(ws.state, dataset_id)
+        name, full, path = version.short_id, version.id, version.path
+    except LmopsError:
+        name, full, path = dataset_id[:12], dataset_id, ws.state / "datasets" / dataset_id
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+    dataset = MetaDataset(local(str(path)), name=name, digest=full[:36])
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[
+        InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag(INPUT_TAG_DATASET, full)])])
+
+
+def training_dataset(run) -> dict | None:
+    """The dataset input a run was trained on (log_dataset), or None: id, name, digest, source."""
+    for item in (run.inputs.dataset_inputs if run is not None and run.inputs else []):
+        tags = {t.key: t.value for t in item.tags}
+        if tags.get("mlflow.data.context") == "training":
+            d = item.dataset
+            source = json.loads(d.source).get("uri") if d.source and d.source.startswith("{") else d.source
+            return {"id": tags.get(INPUT_TAG_DATASET, d.digest), "name": d.name, "digest": d.digest, "source": source}
+    return None
 
 
 def _latest_run(c: MlflowClient, experiment_id: str, run_name: str):
@@ -367,33 +447,98 @@ def _latest_run(c: MlflowClient, experiment_id: str, run_name: str):
     return next((r for r in found if r.data.tags.get(TAG_RUN) == run_name), None)
 
 
-def log_checkpoint(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None = None) -> str:
-    """Log a checkpoint and the tokenizer files beside it as the run's `checkpoint/` folder (what
-    `Checkpoint` and `load_tokenizer` read back together); return that folder's artifact URI.
+def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None = None) -> str:
+    """Log a checkpoint as the run's MLflow model and return its URI (models:/m-...): the weights
+    only (a new lmops checkpoint without optimizer or RNG state, safetensors), the tokenizer files
+    beside ckpt_path, and the pyfunc flavor of lmops/mlflow_model.py (generates text), with its
+    signature, an input example and explicit pip requirements (no slow environment inference).
 
-    Uses the URI set by configure() unless a client is given. Tags the run with the checkpoint's
-    sha256, which the registry records and checks downloads against.
+    Uses the URI set by configure() (a client given must be for that URI). Tags the run with the
+    checkpoint's sha256 and step, the model's id and its weights' sha256 (the registry records them
+    and checks downloads against the latter); the model carries the same tags.
     """
+    from lmops.checkpoint import Checkpoint, save_checkpoint
+
     ckpt_path = Path(ckpt_path)
     if ckpt_path.is_dir():
         ckpt_path = ckpt_path / CHECKPOINT_FILE
     if not ckpt_path.is_file():
         raise LmopsError(f"{ckpt_path}: no checkpoint to log; train one with `lmops train`")
     c = mlflow_client or MlflowClient()
+    sha = sha256_file(ckpt_path)
+    ckpt = Checkpoint(ckpt_path)
+    step = ckpt.meta.get("step")
     with tempfile.TemporaryDirectory(dir=ckpt_path.parent, prefix=".mlflow-") as tmp:
-        folder = Path(tmp) / CHECKPOINT_ARTIFACT
-        folder.mkdir()
-        # hard links where possible: a checkpoint can be large, and this folder lives a moment
-        _link_or_copy(ckpt_path, folder / CHECKPOINT_FILE)
+        folder = Path(tmp) / "model"
+        weights = save_checkpoint(folder / CHECKPOINT_FILE, ckpt.model(), meta=ckpt.meta | {"source_sha256": sha})
         for name in TOKENIZER_FILES:
             if (ckpt_path.parent / name).is_file():
                 _link_or_copy(ckpt_path.parent / name, folder / name)
-        sha = file_sha256(folder / CHECKPOINT_FILE)
-        c.log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
-    step = _checkpoint_meta(ckpt_path).get("step")
-    tags = [RunTag(TAG_CHECKPOINT_SHA, sha)] + ([RunTag(TAG_CHECKPOINT_STEP, str(step))] if step is not None else [])
-    c.log_batch(run_id, tags=tags)
-    return f"{c.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+        tags = {TAG_CHECKPOINT_SHA: sha, TAG_WEIGHTS_SHA: sha256_file(weights)}
+        if step is not None:
+            tags[TAG_CHECKPOINT_STEP] = str(step)
+        info = _log_pyfunc(run_id, folder, int(step or 0), tags)
+    tags[TAG_MODEL_ID] = info.model_id
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return info.model_uri
+
+
+log_checkpoint = log_model  # the name callers use
+
+
+def _log_pyfunc(run_id: str, folder: Path, step: int, tags: dict[str, str]):
+    """mlflow.pyfunc's model of folder (checkpoint + tokenizer) logged to run_id: lmops/mlflow_model.py
+    as the model's code (models from code: nothing pickled), the lmops package as its code_paths."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    import lmops
+    from lmops import mlflow_model
+
+    package = Path(lmops.__file__).parent
+    says = logging.getLogger("mlflow.pyfunc")  # "Validating input example against model signature" at INFO
+    level = says.level
+    says.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), quiet_downloads():
+            warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about type hints and env vars
+            return Model.log(None, flavor=mlflow.pyfunc, name=MODEL_NAME, run_id=run_id, step=step, tags=tags,
+                             python_model=str(package / "mlflow_model.py"),
+                             artifacts={mlflow_model.ARTIFACT: str(folder)}, code_paths=[str(package)],
+                             signature=mlflow_model.signature(),
+                             input_example=(["Once upon a time"], {"max_tokens": 4, "seed": 1}),
+                             pip_requirements=_pip_requirements(), metadata={"lmops_version": lmops_version()})
+    finally:
+        says.setLevel(level)
+
+
+def _pip_requirements() -> list[str]:
+    """What the model's code imports, pinned to the versions here (a local build label such as
+    torch's +cpu dropped: pip indexes do not know it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("mlflow", "torch", "numpy", "pandas", "safetensors", "tokenizers", "pydantic", "pyyaml"):
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bars while lmops moves artifacts (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -1,13 +1,25 @@
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
 import pytest
 from conftest import TINY
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.types import DataType
+from safetensors import safe_open
 
 from lmops import tracking
+from lmops.checkpoint import Checkpoint
 from lmops.config import override
+from lmops.errors import LmopsError
 from lmops.data.corpus import demo_corpus
+from lmops.data.dataset import Doc, doc_id, write_dataset
 from lmops.data.prepare import prepare
-from lmops.tokenizer import load_meta
+from lmops.sample import continuations
+from lmops.tokenizer import load_meta, load_tokenizer
 from lmops.train import train
 from lmops.workspace import init_workspace
 
@@ -57,11 +69,75 @@ def test_training_run_is_tracked(trained):
     assert "time" not in run.data.metrics and "step" not in run.data.metrics
 
     files = {f.path for d in ("config", "tokenizer", "checkpoint") for f in client.list_artifacts(run_id, d)}
-    assert files == {"config/lmops.yaml", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-                     "checkpoint/ckpt.safetensors", "checkpoint/tokenizer.json", "checkpoint/tokenizer_config.json"}
-    assert ckpt_uri == f"{run.info.artifact_uri}/checkpoint"
+    assert files == {"config/lmops.yaml", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"}
     config_text = (ws.state / "mlartifacts" / run_id / "artifacts" / "config" / "lmops.yaml").read_text()
     assert "n_layer: 2" in config_text
+
+
+def test_the_checkpoint_is_logged_as_an_mlflow_model(trained):
+    """The run's model is a standard MLflow model: MLmodel with a pyfunc flavor from code (nothing
+    pickled), signature and input example, weights only, the tokenizer; it loads and generates."""
+    ws, cfg, tokens, run_id, model_uri = trained
+    client = MlflowClient(tracking.tracking_uri(ws, cfg))
+    run = client.get_run(run_id)
+    model_id = run.data.tags[tracking.TAG_MODEL_ID]
+    assert model_uri == f"models:/{model_id}"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == run_id and model.name == "model"
+    assert model.tags[tracking.TAG_CHECKPOINT_SHA] == run.data.tags[tracking.TAG_CHECKPOINT_SHA]
+    assert {m.key for m in model.metrics} >= {"loss", "val_bpb"}  # the run's metrics at the checkpoint's step
+
+    tracking.configure(ws, cfg)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    meta = Model.load(local / "MLmodel")
+    pyfunc = meta.flavors["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert pyfunc["model_code_path"].endswith("mlflow_model.py")
+    assert "python_model" not in pyfunc and not list(local.rglob("*.pkl"))  # models from code: nothing pickled
+    assert (local / "code" / "lmops" / "model.py").is_file()
+    assert meta.signature.inputs.input_types() == [DataType.string]
+    assert {p.name: p.default for p in meta.signature.params} == {"max_tokens": 64, "temperature": 0.8, "top_k": 0,
+                                                                  "top_p": 1.0, "seed": 1337}
+    assert meta.load_input_example(str(local)) is not None
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==" in requirements and "mlflow==" in requirements and "+cpu" not in requirements
+
+    weights = local / "artifacts" / "model" / "ckpt.safetensors"
+    assert model.tags[tracking.TAG_WEIGHTS_SHA] == tracking.sha256_file(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    assert names and all(n.startswith("model.") for n in names)  # no optimizer, no RNG state
+    assert Checkpoint(weights).meta["step"] == 12
+    assert {p.name for p in weights.parent.iterdir()} == {"ckpt.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    params = {"max_tokens": 12, "seed": 1, "temperature": 0.9}
+    texts = loaded.predict(pd.DataFrame({"prompt": ["The list", "A"]}), params=params)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert loaded.predict(["The list", "A"], params=params) == texts  # seeded: the same text
+    greedy = loaded.predict(["The list"], params={"max_tokens": 12, "temperature": 0.0})
+    assert greedy == loaded.predict(["The list"], params={"max_tokens": 12, "temperature": 0.0, "seed": 99})
+    trained_model = Checkpoint(ws.run_dir("main") / "ckpt.safetensors").model()
+    assert continuations(trained_model, load_tokenizer(ws.tokenizer_path.parent), "The list", 12, temperature=0.9,
+                         seed=1) == texts[:1]  # what lmops generate samples
+
+
+def test_the_dataset_version_is_an_mlflow_input(workspace):
+    cfg = workspace.config()
+    workspace.tokenizer_path.parent.mkdir(parents=True)
+    workspace.tokenizer_path.write_text("{}")
+    text = "A document about lists. " * 20
+    version = write_dataset([Doc(doc_id(text), text, "corpus/docs.txt")], {"sources": []}, workspace.state, 0.0, None)
+    with tracking.start_training_run(workspace, cfg, version.id, workspace.tokenizer_path, "main") as run:
+        run.log_row({"step": 1, "loss": 3.0})
+    got = MlflowClient(tracking.tracking_uri(workspace, cfg)).get_run(run.run_id)
+    (item,) = got.inputs.dataset_inputs
+    assert {t.key: t.value for t in item.tags} == {"mlflow.data.context": "training", "lmops.dataset_id": version.id}
+    assert item.dataset.name == version.short_id and item.dataset.digest == version.id[:36]
+    assert json.loads(item.dataset.source) == {"uri": str(version.path)} and item.dataset.source_type == "local"
+    assert tracking.training_dataset(got) == {"id": version.id, "name": version.short_id, "digest": version.id[:36],
+                                              "source": str(version.path)}
 
 
 class FakeClient:
@@ -138,3 +214,47 @@ def test_only_rank_zero_tracks(workspace, monkeypatch):
         run.log_row({"step": 1, "loss": 1.0})
         assert run.log_checkpoint(workspace.run_dir("main") / "ckpt.safetensors") == ""
     assert run.run_id == "" and not (workspace.state / "mlflow.db").exists()
+
+
+def test_a_refused_resume_leaves_the_finished_run_as_it_was(workspace):
+    """`lmops train --resume` refused before any step (checkpoint and config do not match) must not
+    mark the finished run FAILED, nor touch its tags or config."""
+    cfg = workspace.config()
+    workspace.tokenizer_path.parent.mkdir(parents=True)
+    workspace.tokenizer_path.write_text("{}")
+    with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "main") as run:
+        run.log_row({"step": 1, "loss": 3.0})
+    client = MlflowClient(tracking.tracking_uri(workspace, cfg))
+    before = client.get_run(run.run_id)
+    workspace.tokenizer_path.write_text('{"changed": true}')
+    with pytest.raises(LmopsError, match="does not match"):
+        with tracking.start_training_run(workspace, override(cfg, ["model.n_layer=3"]), None, workspace.tokenizer_path,
+                                         "main", resume=True) as again:
+            raise LmopsError("the checkpoint does not match the config")  # what check_resumable raises
+    assert again.run_id == run.run_id
+    after = client.get_run(run.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags
+    config = (workspace.state / "mlartifacts" / run.run_id / "artifacts" / "config" / "lmops.yaml").read_text()
+    assert "n_layer: 3" not in config
+
+
+def test_a_resumed_run_logs_each_step_once(workspace):
+    """Resumed from its step-2 checkpoint after a crash at step 4, training re-does steps 3 and 4:
+    MLflow already has them, so they are not logged twice."""
+    cfg = workspace.config()
+    workspace.tokenizer_path.parent.mkdir(parents=True)
+    workspace.tokenizer_path.write_text("{}")
+    with pytest.raises(RuntimeError):
+        with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "main") as run:
+            for step in range(1, 5):
+                run.log_row({"step": step, "loss": 10.0 - step, **({"val_loss": 9.0} if step == 2 else {})})
+            raise RuntimeError("killed")
+    with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "main", resume=True) as again:
+        for step in range(3, 7):
+            again.log_row({"step": step, "loss": 10.0 - step, **({"val_loss": 8.0} if step == 4 else {})})
+    assert again.run_id == run.run_id
+    client = MlflowClient(tracking.tracking_uri(workspace, cfg))
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "val_loss")] == [(2, 9.0), (4, 8.0)]
+    assert client.get_run(run.run_id).info.status == "FINISHED"
