@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -106,6 +107,7 @@ class Server:
         self.metrics = Metrics(self._stats)
         self._tasks: list[asyncio.Task] = []
         self._preloaded: tuple[ServedModel, Engine] | None = None
+        self._held: dict[int, list[RequestHandle]] = {}  # key id -> its engine requests not known to be done
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------- life cycle
@@ -208,6 +210,36 @@ class Server:
             raise APIError(400, "n: only 1 is supported; send several requests instead", param="n",
                            code="invalid_value")
         return served, engine, row
+
+    @property
+    def key_share(self) -> int:
+        """Engine requests (a request's prompts each count) one API key may have running or waiting at
+        once: half of what the engine holds (max_batch running + max_waiting waiting), so a key that fans
+        out a large batch always leaves the other half to the other keys."""
+        return max(1, (self.sc.max_batch + self.sc.max_waiting) // 2)
+
+    def admit(self, request: Request, key, count: int) -> None:
+        """A request of `count` engine requests (one per prompt): each counts against the key's rate limit
+        (the auth dependency took one); 400 when it could never fit the key's share of the queue or its
+        burst, 429 when the rate limit refuses it now. The share itself is checked at submission."""
+        share = self.key_share
+        if count > share:
+            raise APIError(400, f"prompt: {count} prompts in one request; this server takes at most {share} "
+                           "(half of serve.max_batch + serve.max_waiting)", param="prompt", code="too_many_prompts")
+        if key is None:  # auth off: no keys to be fair between
+            return
+        auth = getattr(request.app.state, "auth", None)
+        if count > 1 and auth is not None:
+            if count > auth.cfg.burst:
+                raise APIError(400, f"prompt: {count} prompts in one request, over this key's burst of "
+                               f"{auth.cfg.burst} (auth.burst): each prompt counts as a request", param="prompt",
+                               code="too_many_prompts")
+            ok, retry_after_s = auth.bucket(key.id).try_acquire(count - 1)
+            if not ok:
+                seconds = max(1, math.ceil(retry_after_s))
+                raise APIError(429, f"Rate limit reached for API key {key.prefix}: {count} prompts count as "
+                               f"{count} requests; retry after {seconds} s.", "rate_limit_error",
+                               code="rate_limit_exceeded", headers={"Retry-After": str(seconds)})
 
     def max_tokens(self, value: int | None) -> int:
         n = self.sc.default_max_tokens if value is None else value
@@ -398,6 +430,7 @@ class Server:
         else:
             raise APIError(400, "prompt: give a string, a list of token ids, or a list of strings or of token-id "
                            "lists (not an empty list, nor ids mixed with those)", param="prompt", code="invalid_value")
+        self.admit(request, key, len(batch) * body.n)
         size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in batch)
         prompts = await self.off_loop(size, lambda: [self.encode(served, p, row) for p in batch])
         row["prompt"] = "\n".join(text for text, _ in prompts)
@@ -408,7 +441,7 @@ class Server:
             scored = [prompt_logprobs(tok, ids, await asyncio.to_thread(engine.score, ids, top_n))
                       for _, ids in prompts]
         params = self.sampling(body, served, max_tokens, top_n)
-        choices = self.submit_all(engine, served, [ids for _, ids in prompts], params, stops)
+        choices = self.submit_all(engine, served, [ids for _, ids in prompts], params, stops, key)
 
         def logprobs(i: int, pieces: list[Piece]) -> dict | None:
             if top_n is None:
@@ -438,6 +471,7 @@ class Server:
                                      else body.max_tokens)
         template = served.chat_template
         messages = chat_messages(body.messages, self.sc.chat_roles)
+        self.admit(request, key, body.n)
         # the plain transcript's own stops: an untuned model goes on to write the next turn itself
         stops = self.stops(body.stop) + ([] if template else [s for s in self.sc.chat_stop if s])
         text, ids = await self.off_loop(sum(len(m["content"]) for m in messages), self.chat_prompt, served,
@@ -445,7 +479,7 @@ class Server:
         row["prompt"] = text
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         choices = self.submit_all(engine, served, [ids], self.sampling(body, served, max_tokens, top_n), stops,
-                                  lstrip=template is None)  # the space a model writes after "Assistant:"
+                                  key, lstrip=template is None)  # the space a model writes after "Assistant:"
         tok = served.tokenizer
 
         def logprobs(pieces: list[Piece]) -> dict | None:
@@ -469,8 +503,17 @@ class Server:
     # ------------------------------------------------------------------------- one answer, whole or streamed
 
     def submit_all(self, engine: Engine, served: ServedModel, prompts: list[list[int]], params: SamplingParams,
-                   stops: list[str], lstrip: bool = False) -> list[Choice]:
-        """A choice per prompt, all submitted at once so they batch; none if one is refused (429, 503)."""
+                   stops: list[str], key, lstrip: bool = False) -> list[Choice]:
+        """A choice per prompt, all submitted at once so they batch; none if one is refused (429, 503).
+        They count against the key's share of the queue until they finish (see admit)."""
+        if key is not None:  # checked here, where nothing runs between the check and the submissions
+            held = self._held.setdefault(key.id, [])
+            held[:] = [h for h in held if not h.done]
+            if len(held) + len(prompts) > self.key_share:
+                raise APIError(429, f"API key {key.prefix} already has {len(held)} requests running or waiting; a "
+                               f"key may have {self.key_share} at once, so that other keys are served too; retry "
+                               "shortly", "rate_limit_error", code="key_queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_QUEUE_S)})
         handles: list = []
         try:
             for ids in prompts:
@@ -479,6 +522,8 @@ class Server:
             for h in handles:
                 h.cancel()
             raise
+        if key is not None:
+            self._held[key.id].extend(h for h in handles if isinstance(h, RequestHandle))
         return [self.choice(h, served, ids, stops, lstrip) for h, ids in zip(handles, prompts)]
 
     async def answer(self, body: SamplingFields, request: Request, row: dict, served: ServedModel, id_prefix: str,

@@ -103,16 +103,16 @@ class TokenBucket:
         self._updated = clock()
         self._lock = threading.Lock()
 
-    def try_acquire(self) -> tuple[bool, float]:
-        """(True, 0.0) and a token taken, or (False, seconds until a token is there)."""
+    def try_acquire(self, n: int = 1) -> tuple[bool, float]:
+        """(True, 0.0) and n tokens taken, or (False, seconds until n tokens are there); all or none."""
         with self._lock:
             now = self._clock()
             self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self.rate_per_s)
             self._updated = now
-            if self._tokens >= 1:
-                self._tokens -= 1
+            if self._tokens >= n:
+                self._tokens -= n
                 return True, 0.0
-            return False, (1 - self._tokens) / self.rate_per_s
+            return False, (n - self._tokens) / self.rate_per_s
 
 
 class Auth:

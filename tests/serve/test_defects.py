@@ -212,3 +212,50 @@ def test_a_model_that_cannot_load_fails_serve_before_the_port_is_bound(env, tmp_
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "LmopsError: cannot serve" in proc.stderr, proc.stderr[-2000:]
     assert "Uvicorn running" not in proc.stderr and "Started server" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- one key cannot fill the queue
+
+def test_a_key_fanning_out_many_prompts_leaves_room_for_the_other_keys(env):
+    """Each prompt counts against the queue: a key may hold half of it (40 of 16 running + 64 waiting)."""
+    import asyncio
+
+    live = env.start(*FAST)
+    engine, share = live.server.engine, live.server.key_share
+    assert share == 40
+    greedy = env.key("inference", "greedy")
+    others = [env.key("inference", f"other{i}") for i in range(16)]
+    long = {"model": "tiny", "max_tokens": 300, "temperature": 0, "stream": True}
+
+    r = httpx.post(f"{live.url}/v1/completions", headers=bearer(greedy), json={**long, "prompt": ["hi"] * 80})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts"  # never fits its share
+
+    async def run():
+        async with httpx.AsyncClient(base_url=live.url, timeout=120) as c:
+            async with c.stream("POST", "/v1/completions", headers=bearer(greedy),
+                                json={**long, "prompt": ["hi"] * share}) as fan_out:
+                lines = fan_out.aiter_lines()
+                await lines.__anext__()  # its prompts are in the engine
+                assert engine.stats().running + engine.stats().waiting >= share - 1
+                more = await c.post("/v1/completions", headers=bearer(greedy), json={**long, "prompt": "hi"})
+                assert more.status_code == 429 and more.json()["error"]["code"] == "key_queue_full"
+                rs = await asyncio.gather(*(c.post("/v1/completions", headers=bearer(k),
+                                                   json={"model": "tiny", "prompt": "hi", "max_tokens": 5})
+                                            for k in others))
+                assert [r.status_code for r in rs] == [200] * 16, [r.text for r in rs if r.status_code != 200]
+
+    with live.slow_model():
+        asyncio.run(run())
+    live.stop()
+
+
+def test_each_prompt_counts_against_the_keys_rate_limit(env):
+    live = env.start("auth.key_cache_ttl_s=0", "auth.rate_limit_per_s=0.01", "auth.burst=4")
+    key, url = env.key("inference", "prompts"), f"{live.url}/v1/completions"
+    body = {"model": "tiny", "max_tokens": 1}
+    r = httpx.post(url, headers=bearer(key), json={**body, "prompt": ["a"] * 5})
+    assert r.status_code == 400 and "burst" in r.json()["error"]["message"]
+    assert httpx.post(url, headers=bearer(key), json={**body, "prompt": ["a"] * 3}).status_code == 200
+    r = httpx.post(url, headers=bearer(key), json={**body, "prompt": ["a"] * 2})  # 4 of 4 taken, 1 + 1 more asked
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded" and r.headers["Retry-After"]
+    live.stop()
