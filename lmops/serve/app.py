@@ -214,9 +214,9 @@ class Server:
     @property
     def key_share(self) -> int:
         """Engine requests (a request's prompts each count) one API key may have running or waiting at
-        once: half of what the engine holds (max_batch running + max_waiting waiting), so a key that fans
-        out a large batch always leaves the other half to the other keys."""
-        return max(1, (self.sc.max_batch + self.sc.max_waiting) // 2)
+        once: the whole batch and half of the waiting queue, so a key that fans out a large batch always
+        leaves the other half of the queue to the other keys."""
+        return self.sc.max_batch + math.ceil(self.sc.max_waiting / 2)
 
     def admit(self, request: Request, key, count: int) -> None:
         """A request of `count` engine requests (one per prompt): each counts against the key's rate limit
@@ -225,7 +225,7 @@ class Server:
         share = self.key_share
         if count > share:
             raise APIError(400, f"prompt: {count} prompts in one request; this server takes at most {share} "
-                           "(half of serve.max_batch + serve.max_waiting)", param="prompt", code="too_many_prompts")
+                           "(serve.max_batch + half of serve.max_waiting)", param="prompt", code="too_many_prompts")
         if key is None:  # auth off: no keys to be fair between
             return
         auth = getattr(request.app.state, "auth", None)
@@ -360,8 +360,7 @@ class Server:
         try:
             return engine.submit(ids, params)
         except QueueFull:
-            raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_QUEUE_S)}) from None
+            raise _queue_full() from None
         except EngineStopped:
             raise APIError(503, "the server is shutting down; retry", "service_unavailable",
                            code="shutting_down", headers={"Retry-After": "1"}) from None
@@ -506,6 +505,9 @@ class Server:
                    stops: list[str], key, lstrip: bool = False) -> list[Choice]:
         """A choice per prompt, all submitted at once so they batch; none if one is refused (429, 503).
         They count against the key's share of the queue until they finish (see admit)."""
+        stats = engine.stats()
+        if stats.running + stats.waiting + len(prompts) > self.sc.max_batch + self.sc.max_waiting:
+            raise _queue_full()
         if key is not None:  # checked here, where nothing runs between the check and the submissions
             held = self._held.setdefault(key.id, [])
             held[:] = [h for h in held if not h.done]
@@ -712,6 +714,11 @@ def _sse(obj: dict) -> str:
 def _min_delta(handles: list, attr: str) -> float | None:
     deltas = [getattr(h, attr) - h.queued_at for h in handles if getattr(h, attr) is not None]
     return min(deltas) if deltas else None
+
+
+def _queue_full() -> APIError:
+    return APIError(429, "the server is at capacity; retry shortly", "rate_limit_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_QUEUE_S)})
 
 
 def _engine_error(c: Choice, request_id: str | None) -> APIError:
