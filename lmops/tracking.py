@@ -107,8 +107,10 @@ def configure(ws: Workspace, cfg: Config, _retry: bool = False) -> str:
         if local and not _retry and _half_made(db):
             create_local_store(db, rebuild=True)
             return configure(ws, cfg, _retry=True)
-        if local:
+        if local and not _sqlite_readable(db):
             raise _unreadable_store(db, err) from None
+        if local:  # a readable database MLflow refused: out-of-date schema, locked by another process, ...
+            raise LmopsError(f"{db}: MLflow failed on the tracking database ({first_line(err)})") from None
         raise LmopsError(f"tracking.tracking_uri {uri}: MLflow failed ({first_line(err)}); "
                          "check the URI and that the server is up") from None
     return uri
@@ -177,6 +179,19 @@ def _half_made(db: Path) -> bool:
             return True
         finally:
             con.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _sqlite_readable(db: Path) -> bool:
+    """Whether SQLite can read db's schema (False for garbage or a damaged file)."""
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+        return True
     except sqlite3.DatabaseError:
         return False
 

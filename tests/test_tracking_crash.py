@@ -6,6 +6,7 @@ import time
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from lmops import tracking
 from lmops.errors import LmopsError
@@ -90,3 +91,18 @@ def test_a_corrupt_store_is_one_clear_error(workspace, content):
     message = str(err.value)
     assert "\n" not in message and str(db) in message and "move it aside" in message
     assert db.read_bytes() == content  # never replaced: it may hold runs someone wants back
+
+
+def test_a_store_mlflow_refuses_for_another_reason_is_not_called_corrupt(workspace, monkeypatch):
+    """A readable database MLflow fails on (here: a lock held by another process) gets MLflow's
+    reason, not the advice to move it aside."""
+    cfg = workspace.config()
+    tracking.configure(workspace, cfg)
+
+    def locked(self, name):
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", locked)
+    with pytest.raises(LmopsError, match=r"mlflow.db: MLflow failed on the tracking database \(.*database is locked\)") as err:
+        tracking.configure(workspace, cfg)
+    assert "move it aside" not in str(err.value)
