@@ -103,6 +103,7 @@ def test_a_store_mlflow_refuses_for_another_reason_is_not_called_corrupt(workspa
         raise MlflowException("(sqlite3.OperationalError) database is locked")
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", locked)
-    with pytest.raises(LmopsError, match=r"mlflow.db: MLflow failed on the tracking database \(.*database is locked\)") as err:
+    reason = r"mlflow.db: MLflow failed on the tracking database \(.*database is locked\)"
+    with pytest.raises(LmopsError, match=reason) as err:
         tracking.configure(workspace, cfg)
     assert "move it aside" not in str(err.value)
