@@ -9,8 +9,8 @@ checkpoint (safetensors, no optimizer or RNG state) and the tokenizer files besi
     MLmodel, python_env.yaml, requirements.txt, mlflow_model.py, code/lmops/...,
     artifacts/model/{ckpt.safetensors, tokenizer.json, tokenizer_config.json}
 
-Input: prompts, as a DataFrame with a `prompt` column (what the signature says and MLflow serving
-sends), a list of strings or one string. Params (`params=` of predict, in the signature with their
+Input: prompts, as the signature says (one string column: a DataFrame of one column, `prompt` if it
+has several, a list of strings, or MLflow serving's `{"inputs": [...]}`), or one string. Params (`params=` of predict, in the signature with their
 defaults): max_tokens, temperature (0: greedy), top_k (0: off), top_p (1: off), seed. Output: the
 generated continuation of each prompt (without the prompt), in order. Same seed, same text: each
 prompt is sampled with its own generator seeded with `seed`.
