@@ -34,6 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -557,6 +558,7 @@ class Server:
             return _sse({**head, "choices": [{"index": i, **fields, "finish_reason": finish_reason}], **with_usage})
 
         async def events() -> AsyncIterator[str]:
+            finished = False
             try:
                 for i, c in enumerate(choices):  # all run in the engine at once; sent one after another
                     if (first := fmt.opening(i)) is not None:
@@ -570,11 +572,14 @@ class Server:
                 else:
                     if with_usage:
                         yield _sse({**head, "choices": [], "usage": usage()})
+                self.finish(choices, row, prompt)  # before [DONE]: the request log records the row with it
+                finished = True
                 yield "data: [DONE]\n\n"
             finally:
                 for c in choices:
                     c.handle.cancel()
-                self.finish(choices, row, prompt)
+                if not finished:
+                    self.finish(choices, row, prompt)
 
         return EventStream(events())
 
@@ -582,10 +587,12 @@ class Server:
 # ----------------------------------------------------------------------------- the app
 
 def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = True, moderation: bool = True,
-               request_log: bool = True, metrics: bool = True) -> FastAPI:
+               request_log: bool = True, metrics: bool = True, journal_dir: Path | None = None) -> FastAPI:
     """The server for source's model. store (lmops.store.Store) holds the API keys and the request log.
-    The switches turn layers off to measure what they cost (benchmarks/serve_load.py); with auth off
-    every route is open, whatever auth.enabled says."""
+    journal_dir: the request log's write-ahead journal (lmops.serve.requestlog), replayed into the store
+    here; a response then completes only once its row is on disk. The switches turn layers off to
+    measure what they cost (benchmarks/serve_load.py); with auth off every route is open, whatever
+    auth.enabled says."""
     if (auth or request_log) and store is None:
         raise ValueError("API keys and the request log live in a store: pass one, or auth=False and request_log=False")
     server = Server(cfg, source, moderation=moderation, metrics=metrics)
@@ -593,7 +600,7 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
     if request_log:
         from lmops.serve.requestlog import RequestLogger
 
-        logger = RequestLogger(store)
+        logger = RequestLogger(store, journal_dir=journal_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -693,7 +700,8 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
 
     app.add_middleware(BodyLimit, max_bytes=cfg.serve.max_body_bytes, on_error=count)
     if logger is not None:
-        app.add_middleware(RequestLog, write=logger.log)  # outermost: a 413 is logged too
+        # outermost: a 413 is logged too
+        app.add_middleware(RequestLog, write=logger.log, durable=logger.log_durably if journal_dir else None)
     return app
 
 
@@ -755,7 +763,8 @@ def serve(ws, cfg: Config, model_ref: str, host: str, port: int) -> None:
     source = ModelSource(ws, cfg, model_ref)  # a wrong reference fails here, before the port is bound
     store = Store.for_workspace(ws, cfg)
     try:
-        app = create_app(cfg, source, store)
+        # one journal per port: two servers of one workspace must not replay (and delete) each other's
+        app = create_app(cfg, source, store, journal_dir=ws.state / "request-journal" / str(port))
         app.state.server.preload()  # so does a model that cannot be loaded or run
         uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s,
                     log_level="info", access_log=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -17,6 +19,7 @@ from lmops.store import REQUEST_FIELDS, utcnow
 log = logging.getLogger("lmops.serve")
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")  # what the request log records
+STREAM_END = b"data: [DONE]\n\n"  # the last event of a stream
 
 
 class BodyLimit:
@@ -58,11 +61,17 @@ class BodyLimit:
 
 
 class RequestLog:
-    """A request-log row per inference request, written when its response has ended (a stream's too),
-    whatever its status. Handlers fill the row in through request.scope["lmops.row"]."""
+    """A request-log row per inference request, whatever its status. Handlers fill the row in through
+    request.scope["lmops.row"].
 
-    def __init__(self, app: ASGIApp, write: Callable[[dict], Any]):
-        self.app, self.write = app, write
+    With `durable` (RequestLogger.log_durably) a response's last bytes wait until its row is in the
+    journal on disk: the last body message, or a stream's "data: [DONE]" chunk (after which a client
+    has its whole answer). A request whose response never got that far (the client left, the server
+    failed) is logged when it ends, without waiting."""
+
+    def __init__(self, app: ASGIApp, write: Callable[[dict], Any],
+                 durable: Callable[[dict], concurrent.futures.Future | None] | None = None):
+        self.app, self.write, self.durable = app, write, durable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in INFERENCE_PATHS:
@@ -70,18 +79,37 @@ class RequestLog:
         row: dict[str, Any] = {"ts": utcnow(), "request_id": uuid.uuid4().hex, "endpoint": scope["path"]}
         scope["lmops.row"] = row
         start = time.perf_counter()
+        logged = False
 
-        async def send_status(msg: Message) -> None:
+        def record() -> dict:
+            row.setdefault("status_code", 500)
+            row["latency_s"] = time.perf_counter() - start
+            return {k: v for k, v in row.items() if k in REQUEST_FIELDS}
+
+        async def send_logged(msg: Message) -> None:
+            nonlocal logged
             if msg["type"] == "http.response.start":
                 row["status_code"] = msg["status"]
+            elif (msg["type"] == "http.response.body" and not logged and self.durable is not None
+                  and (not msg.get("more_body") or msg.get("body", b"").endswith(STREAM_END))):
+                logged = True
+                try:
+                    future = self.durable(record())
+                except Exception:  # the log must never fail a request
+                    log.exception("request log: could not queue a row")
+                    future = None
+                if future is not None:
+                    try:
+                        await asyncio.wrap_future(future)
+                    except OSError:
+                        pass  # the journal logged it; the row is still on its way to the store
             await send(msg)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, send_logged)
         finally:
-            row.setdefault("status_code", 500)
-            row["latency_s"] = time.perf_counter() - start
-            try:
-                self.write({k: v for k, v in row.items() if k in REQUEST_FIELDS})
-            except Exception:  # the log must never fail a request
-                log.exception("request log: could not queue a row")
+            if not logged:
+                try:
+                    self.write(record())
+                except Exception:  # the log must never fail a request
+                    log.exception("request log: could not queue a row")

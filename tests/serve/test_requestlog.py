@@ -133,3 +133,122 @@ def test_wrong_columns_fail_in_the_caller(store):
             logger.log({**row(1), "user": "x"})
         with pytest.raises(ValueError, match="without request_id"):
             logger.log({"endpoint": "/", "status_code": 200})
+
+
+# ---------------------------------------------------------------------------------------------- the journal
+
+def test_journal_rows_are_on_disk_when_the_future_is_done_and_replay_skips_stored_and_torn_rows(store, tmp_path,
+                                                                                              monkeypatch):
+    from lmops.serve import requestlog
+    from lmops.serve.requestlog import Journal, replay_journal
+
+    journal = tmp_path / "journal"
+    monkeypatch.setattr(store, "log_requests", lambda rows: (_ for _ in ()).throw(exc.OperationalError("", {}, None)))
+    logger = RequestLogger(store, journal_dir=journal)  # the database is down: nothing reaches it
+    futures = [logger.log_durably(row(i)) for i in range(20)]
+    for f in futures:
+        f.result(timeout=30)
+    assert [r["request_id"] for r in Journal.read(journal)] == [f"r{i}" for i in range(20)]  # on disk, in order
+    monkeypatch.undo()
+    store.log_requests([requestlog.request_row(row(3))])  # one of them did reach the store before the "crash"
+    (journal / "journal-999999999999.jsonl").write_bytes(b'{"seq": 20, "row": {"request_id": "r2')  # torn
+    assert replay_journal(store, journal) == 19
+    assert ids(store) == sorted(f"r{i}" for i in range(20)) and not list(journal.glob("*.jsonl"))
+
+
+def test_journal_segments_are_deleted_once_stored(store, tmp_path, monkeypatch):
+    from lmops.serve import requestlog
+
+    monkeypatch.setattr(requestlog, "SEGMENT_BYTES", 2_000)
+    journal = tmp_path / "journal"
+    with RequestLogger(store, journal_dir=journal, flush_interval_ms=0) as logger:
+        for i in range(200):
+            logger.log_durably(row(i, prompt="p" * 100)).result(timeout=30)
+        assert logger.flush(timeout=30)
+        assert wait_for_files(journal, at_most=1)  # closed segments go once their rows are stored
+    assert not list(journal.glob("*.jsonl")) and len(ids(store)) == 200  # close: all stored, journal gone
+
+
+def wait_for_files(folder, at_most: int, timeout: float = 30.0) -> bool:
+    cond = threading.Condition()
+    end = time.monotonic() + timeout
+    with cond:  # polled: file deletion has no event to wait on
+        while len(list(folder.glob("*.jsonl"))) > at_most:
+            if time.monotonic() > end:
+                return False
+            cond.wait(0.01)
+    return True
+
+
+def test_every_answered_request_is_in_the_log_after_kill_9(env, tmp_path):
+    """A real `serve` process under load, killed with SIGKILL mid-load: every request that got a complete
+    response (whole JSON, or a stream up to [DONE]) is in the store once its journal is replayed."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from lmops.serve.requestlog import replay_journal
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    script = ("import sys; from lmops.config import override; from lmops.serve.app import serve; "
+              "from lmops.workspace import Workspace; ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
+              "serve(ws, override(ws.config(), sys.argv[4:]), sys.argv[2], '127.0.0.1', int(sys.argv[3]))")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(env.ws.root), str(env.model_dir), str(port),
+                             "auth.rate_limit_per_s=1000", "auth.burst=1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, key = f"http://127.0.0.1:{port}", env.keys["inference"]
+    answered: list[str] = []
+    enough, lock = threading.Event(), threading.Lock()
+    try:
+        with httpx.Client(timeout=5) as c:
+            end = time.monotonic() + 120
+            while True:
+                try:
+                    if c.get(f"{url}/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < end and proc.poll() is None, "the server did not start"
+                threading.Event().wait(0.05)
+
+        def load(worker: int) -> None:
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+                for i in range(10_000):
+                    body = {"model": "tiny", "prompt": f"hello {worker} {i}", "max_tokens": 8, "stream": i % 2 == 1}
+                    try:
+                        r = c.post("/v1/completions", json=body)
+                        if r.status_code != 200:
+                            continue
+                        if body["stream"]:
+                            assert r.text.endswith("data: [DONE]\n\n")
+                            rid = json.loads(r.text.split("\n\n")[0].removeprefix("data: "))["id"]
+                        else:
+                            rid = r.json()["id"]
+                    except (httpx.TransportError, ValueError):
+                        return  # the server is gone
+                    with lock:
+                        answered.append(rid.removeprefix("cmpl-"))
+                        if len(answered) >= 60:
+                            enough.set()
+
+        workers = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for w in workers:
+            w.start()
+        assert enough.wait(120), "the load did not get going"
+        proc.send_signal(signal.SIGKILL)
+        for w in workers:
+            w.join(60)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    replay_journal(env.store, env.ws.state / "request-journal" / str(port))
+    stored = {r.request_id for r in env.store.list_requests(limit=100_000)}
+    missing = [rid for rid in answered if rid not in stored]
+    assert len(answered) >= 60 and not missing, f"{len(missing)} of {len(answered)} answered requests not logged"
