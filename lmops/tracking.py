@@ -483,7 +483,8 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     sha = sha256_file(ckpt_path)
     ckpt = Checkpoint(ckpt_path)
     step = ckpt.meta.get("step")
-    with tempfile.TemporaryDirectory(dir=ckpt_path.parent, prefix=".mlflow-") as tmp:
+    # in the system's temporary folder, not the run's: a kill here leaves no copy of the weights there
+    with tempfile.TemporaryDirectory(prefix="lmops-model-") as tmp:
         folder = Path(tmp) / "model"
         weights = save_checkpoint(folder / CHECKPOINT_FILE, ckpt.model(), meta=ckpt.meta | {"source_sha256": sha})
         for name in TOKENIZER_FILES:
