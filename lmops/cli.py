@@ -115,7 +115,7 @@ def tokenizer_train(workspace: WorkspaceOpt = None, set_: SetOpt = None):
     from lmops.pipeline import prepare_data
 
     ws, cfg = _workspace_and_config(workspace, set_)
-    data = prepare_data(ws, cfg, progress=sys.stderr.isatty(), log=log)
+    data = prepare_data(ws, cfg, progress=sys.stderr.isatty(), log=log, again="lmops tokenizer train")
     log(f"dataset {data['dataset'][:12]}: tokenizer and token shards in {data['tokens_dir']}")
 
 

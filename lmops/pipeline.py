@@ -169,8 +169,10 @@ class PipelineResult:
 
 
 def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print, steps: list[str] | None = None) -> PipelineResult:
+                 log: Callable[[str], None] = print, steps: list[str] | None = None,
+                 again: str = "lmops pipeline run") -> PipelineResult:
     """Run steps (default pipeline.steps) in order, each skipped while its cache key finds outputs.
+    again: the command a failure's advice says to run once fixed.
 
     Every step ends marked in the store, whatever stops it (an error, a bug, Ctrl-C); a run whose
     process was killed outright stays 'running' until the next run, which marks it failed.
@@ -214,7 +216,7 @@ def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progr
                 if not known:
                     raise  # a bug: its traceback matters more than advice
                 raise LmopsError(f"pipeline step '{name}' failed: {message}; earlier steps are kept: fix it and run "
-                                 f"`lmops pipeline run` again (done steps are skipped"
+                                 f"`{again}` again (done steps are skipped"
                                  + (", training resumes from its checkpoint)" if name == "train" else ")")) from None
             store.finish_step(step.id, "succeeded", ctx.outputs[name])
             ran.append(name)
@@ -226,8 +228,9 @@ def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progr
 DATA_STEPS = ("ingest", "validate", "tokenize")
 
 
-def prepare_data(ws: Workspace, cfg: Config, progress: bool = False, log: Callable[[str], None] = print) -> dict:
+def prepare_data(ws: Workspace, cfg: Config, progress: bool = False, log: Callable[[str], None] = print,
+                 again: str = "lmops train") -> dict:
     """The dataset version of data.corpus as it is now, validated and tokenized (each step cached like
     the pipeline's, and recorded as a pipeline run): what `lmops train` trains on. Returns the tokenize
     step's outputs (dataset, tokens_dir, tokenizer_dir)."""
-    return run_pipeline(ws, cfg, progress=progress, log=log, steps=list(DATA_STEPS)).outputs["tokenize"]
+    return run_pipeline(ws, cfg, progress=progress, log=log, steps=list(DATA_STEPS), again=again).outputs["tokenize"]

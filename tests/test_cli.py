@@ -1,6 +1,7 @@
 """The lmops command, run as a user runs it: a real process in a real workspace."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,56 @@ def test_keys_are_shown_once_and_stored_as_hashes(workspace):
         assert store.verify_api_key(secret) is None
     bad = lmops("keys", "create", "x", "--role", "root", *w, check=False)
     assert bad.returncode == 1 and "inference, deployer, admin" in bad.stderr
+
+
+def test_version_module_entry_point_and_completion():
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "lmops", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"lmops {version('lmops')}"
+    helped = subprocess.run([sys.executable, "-m", "lmops", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert "--install-completion" in helped.stdout and "quickstart" in helped.stdout
+
+
+def test_init_of_a_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = lmops("init", str(blocker / "ws"), check=False)  # a path under a file: no user can create it
+    assert proc.returncode == 1 and "cannot create a workspace" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_commands_default_to_the_champion_else_the_latest_run(workspace, tiny_sets, tmp_path):
+    w = ["-w", str(workspace.root)]
+    none = lmops("generate", "x", *w, check=False)
+    assert none.returncode == 1 and "no trained run" in none.stderr and "lmops train" in none.stderr
+    sets = [a for item in tiny_sets for a in ("--set", item)]
+    lmops("train", *w, *sets, "-r", "first", "--no-progress")
+    assert "sampling from run first" in lmops("generate", "The", "--max-tokens", "4", *w).stderr
+    missing = lmops("export", str(tmp_path / "hf"), "-r", "main", *w, check=False)
+    assert missing.returncode == 1 and "no trained run 'main'" in missing.stderr and "runs: first" in missing.stderr
+    lmops("evaluate", *w, "--set", "evaluate.max_new_tokens=4")
+    lmops("register", *w)
+    lmops("promote", *w)
+    lmops("train", *w, *sets, "-r", "second", "--no-progress")  # newer than the champion's run
+    assert "sampling from lmops-model v1 (champion)" in lmops("generate", "The", "--max-tokens", "4", *w).stderr
+    assert "exported lmops-model v1 (champion)" in lmops("export", str(tmp_path / "hf"), *w).stderr
+
+
+def test_train_records_its_dataset_and_data_gates_show_in_data_list(workspace, tiny_sets):
+    import json
+
+    w = ["-w", str(workspace.root)]
+    sets = [a for item in tiny_sets for a in ("--set", item)]
+    lmops("train", *w, *sets, "--no-progress")
+    info = json.loads((workspace.run_dir("main") / "run.json").read_text())
+    listed = lmops("data", "list", *w).stderr
+    assert info["dataset"][:12] in listed and "passed" in listed
+    again = lmops("train", *w, *sets, "--no-progress")
+    assert "ingest    cached" in again.stderr and "tokenize  cached" in again.stderr, "unchanged corpus: no new ingest"
+    (workspace.root / "corpus" / "docs.txt").write_text("Only a short text now, on one side of the split.\n")
+    refused = lmops("train", *w, *sets, "--no-progress", check=False)
+    side = re.search(r"no (training|validation) documents of 1", refused.stderr)  # one document: one side only
+    assert refused.returncode == 1 and side and "Traceback" not in refused.stderr, refused.stderr
+    assert "run `lmops train` again" in refused.stderr
+    assert f"FAILED ({side[0]}" in lmops("data", "list", *w).stderr
