@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -258,3 +260,31 @@ def test_a_resumed_run_logs_each_step_once(workspace):
     assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "val_loss")] == [(2, 9.0), (4, 8.0)]
     assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+# Loads an MLflow model folder in a Python that cannot import lmops (as a deployment target without
+# it installed), predicts, prints the texts and where lmops came from.
+WITHOUT_LMOPS = """
+import importlib.util, json, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+assert importlib.util.find_spec("lmops") is None, "lmops is importable"
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+texts = model.predict(["The list"], params={"max_tokens": 12, "seed": 1, "temperature": 0.9})
+print(json.dumps({"texts": texts, "lmops": sys.modules["lmops"].__file__}))
+"""
+
+
+def test_the_model_runs_where_lmops_is_not_installed(trained, tmp_path):
+    """The model carries the lmops code it runs (code_paths): a machine with MLflow and the pip
+    requirements, but not lmops, loads and runs it."""
+    ws, cfg, tokens, run_id, model_uri = trained
+    tracking.configure(ws, cfg)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "download")))
+    out = subprocess.run([sys.executable, "-c", WITHOUT_LMOPS, str(local)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["lmops"].startswith(str(local / "code" / "lmops"))
+    assert got["texts"] == mlflow.pyfunc.load_model(model_uri).predict(
+        ["The list"], params={"max_tokens": 12, "seed": 1, "temperature": 0.9})
