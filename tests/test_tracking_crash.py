@@ -64,6 +64,18 @@ def test_a_kill_during_the_first_setup_never_breaks_the_store(workspace):
         assert not list(ws.state.glob(".mlflow.db.tmp-*"))
 
 
+def test_two_first_setups_at_once_both_succeed(workspace):
+    """Two processes setting up the same new workspace at the same moment (a lock: one builds the
+    database, the other waits and uses it)."""
+    procs = [subprocess.Popen([sys.executable, "-c", SETUP, str(workspace.root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=workspace.root) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1000:] for _, err in outs]
+    assert all(out.split() == ["ready", "done"] for out, _ in outs)
+    cfg = workspace.config()
+    assert len(MlflowClient(tracking.configure(workspace, cfg)).search_experiments()) == 2  # Default + lmops
+
+
 def test_a_half_made_store_from_an_older_lmops_is_rebuilt(workspace):
     """A database whose schema creation stopped midway (as an older lmops left it) and that holds
     nothing is rebuilt instead of failing every later command."""
