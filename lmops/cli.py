@@ -23,6 +23,8 @@ data_app = typer.Typer(help="DataOps: ingest, clean, deduplicate and scrub corpo
 app.add_typer(data_app, name="data")
 pipeline_app = typer.Typer(help="Run the pipeline (ingest -> validate -> tokenize -> train -> evaluate -> register -> promote) and list its runs.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+models_app = typer.Typer(help="The model registry: versions of the model, their aliases, gates and metrics.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 keys_app = typer.Typer(help="API keys of the server: created with a role, stored only as hashes, shown once.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="The audit log: every state change, who, when, what and why, hash-chained.", no_args_is_help=True)
@@ -252,6 +254,34 @@ def approve(
     with store:
         registry.approve(ws, cfg, version, as_ or default_actor(), audit=_audit_as_me(store))
     log(f"version {version} approved by {as_ or default_actor()}")
+
+
+@models_app.command("list")
+@friendly
+def models_list(workspace: WorkspaceOpt = None):
+    """Registered versions, newest first: aliases (champion, challenger), gates, approval, metrics, run."""
+    from rich.table import Table
+
+    from lmops import registry
+
+    ws, cfg = _workspace_and_config(workspace, None)
+    versions = registry.list_versions(ws, cfg)
+    if not versions:
+        log(f"no versions of {cfg.registry.model_name} yet: `lmops register` or `lmops pipeline run` makes one")
+        return
+    table = Table("version", "aliases", "created (UTC)", "gates", "approved by", "val_bpb", "safety", "run",
+                  title=cfg.registry.model_name, title_justify="left")
+    for v in versions:
+        gates = {"passed": "[green]passed[/]", "failed": "[red]failed[/]"}.get(v["gates"] or "", "?")
+        table.add_row(v["version"] + ("" if v["complete"] else " [yellow](incomplete)[/]"),
+                      " ".join(f"@{a}" for a in v["aliases"]), v["created"][:19].replace("T", " "), gates,
+                      v["approved_by"] or "", _num(v["val_bpb"]), _num(v["safety_pass_rate"], ".0%"),
+                      v["run_name"] or (v["run_id"] or "")[:12])
+    console.print(table)
+
+
+def _num(x: float | None, spec: str = ".4f") -> str:
+    return "" if x is None else format(x, spec)
 
 
 @app.command()

@@ -115,7 +115,7 @@ def train(ws: Workspace, cfg: Config, data: dict, run_dir: Path, resume: bool = 
         result = run_training(cfg, tokens_dir, run_dir, tokenizer_dir, resume=resume, stop_at=stop_at,
                               progress=progress, log=log, on_metrics=run.log_row)
         if is_main_process():  # under torchrun the other processes only train
-            tracking.log_checkpoint(run.run_id, result.checkpoint)
+            tracking.log_model(run.run_id, result.checkpoint)
     if is_main_process():
         update_run_info(run_dir, mlflow_run_id=run.run_id, dataset=data["dataset"], tokens_dir=str(tokens_dir),
                         tokenizer_dir=str(tokenizer_dir))

@@ -124,6 +124,8 @@ def test_governance_commands(workspace, tiny_sets, tmp_path):
     assert wrong.returncode == 1 and "mallory" in wrong.stderr
     lmops("approve", "1", "--as", "alice", *w)
     assert "version 1 is champion" in lmops("promote", *w).stderr
+    listed = lmops("models", "list", *w).stderr
+    assert "@challenger @champion" in listed and "passed" in listed and "alice" in listed
     lineage = lmops("lineage", "@champion", *w).stderr
     assert "lmops-model v1 @challenger, @champion" in lineage and "approved by alice" in lineage
     audit = lmops("audit", "list", *w).stderr
