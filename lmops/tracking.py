@@ -397,11 +397,13 @@ def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, token
     else:
         start()
         tracked = TrainingRun(run_id, c, log)
+    _active[run_id] = tracked
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         yield tracked
         status = RunStatus.to_string(RunStatus.FINISHED)
     finally:
+        _active.pop(run_id, None)
         tracked.close()
         if resumed and tracked.rows == 0 and status != RunStatus.to_string(RunStatus.FINISHED):
             pass  # refused before its first step: the run was not touched, its status stays
@@ -410,6 +412,9 @@ def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, token
                 c.set_terminated(run_id, status)
             except MlflowException as err:
                 log(f"warning: could not mark MLflow run {run_id} {status} ({first_line(err)})")
+
+
+_active: dict[str, TrainingRun] = {}  # run id -> its TrainingRun while start_training_run is open
 
 
 def _last_steps(c: MlflowClient, run) -> dict[str, int]:
@@ -468,9 +473,11 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     beside ckpt_path, and the pyfunc flavor of lmops/mlflow_model.py (generates text), with its
     signature, an input example and explicit pip requirements (no slow environment inference).
 
-    Uses the URI set by configure() (a client given must be for that URI). Tags the run with the
-    checkpoint's sha256 and step, the model's id and its weights' sha256 (the registry records them
-    and checks downloads against the latter); the model carries the same tags.
+    Called while start_training_run is open, it sends the run's buffered metrics first: the model
+    links the run's metrics at the checkpoint's step. Uses the URI set by configure() (a client
+    given must be for that URI). Tags the run with the checkpoint's sha256 and step, the model's id
+    and its weights' sha256 (the registry records them and checks downloads against the latter);
+    the model carries the same tags.
     """
     from lmops.checkpoint import Checkpoint, save_checkpoint
 
@@ -480,6 +487,8 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     if not ckpt_path.is_file():
         raise LmopsError(f"{ckpt_path}: no checkpoint to log; train one with `lmops train`")
     c = mlflow_client or MlflowClient()
+    if run_id in _active:  # logged during training: the metrics buffered so far first (the model links
+        _active[run_id]._send()  # the run's metrics at its step)
     sha = sha256_file(ckpt_path)
     ckpt = Checkpoint(ckpt_path)
     step = ckpt.meta.get("step")

@@ -288,3 +288,14 @@ def test_the_model_runs_where_lmops_is_not_installed(trained, tmp_path):
     assert got["lmops"].startswith(str(local / "code" / "lmops"))
     assert got["texts"] == mlflow.pyfunc.load_model(model_uri).predict(
         ["The list"], params={"max_tokens": 12, "seed": 1, "temperature": 0.9})
+
+
+def test_a_model_logged_during_training_links_the_metrics_still_buffered(trained):
+    """tracking.log_checkpoint(run_id, ...) inside start_training_run (as lmops.stages.train calls it)
+    sends the buffered rows first, so the model links the metrics of its step."""
+    ws, cfg = trained[0], trained[1]
+    with tracking.start_training_run(ws, cfg, None, ws.tokenizer_path, "buffered") as run:
+        run.log_row({"step": 12, "loss": 1.5, "val_bpb": 2.5})  # buffered: FLUSH_ROWS rows not reached
+        uri = tracking.log_checkpoint(run.run_id, ws.run_dir("main") / "ckpt.safetensors")
+    model = MlflowClient(tracking.tracking_uri(ws, cfg)).get_logged_model(uri.removeprefix("models:/"))
+    assert {(m.key, m.value, m.step) for m in model.metrics} == {("loss", 1.5, 12), ("val_bpb", 2.5, 12)}
