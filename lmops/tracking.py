@@ -405,9 +405,8 @@ def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, token
     finally:
         _active.pop(run_id, None)
         tracked.close()
-        if resumed and tracked.rows == 0 and status != RunStatus.to_string(RunStatus.FINISHED):
-            pass  # refused before its first step: the run was not touched, its status stays
-        else:
+        refused = resumed and tracked.rows == 0 and status != RunStatus.to_string(RunStatus.FINISHED)
+        if not refused:  # a resume refused before its first step did not touch the run: its status stays
             try:
                 c.set_terminated(run_id, status)
             except MlflowException as err:
