@@ -52,7 +52,7 @@ from lmops.serve.middleware import BodyLimit, RequestLog
 from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs, completion_logprobs,
                                 prompt_logprobs)
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
-                                  error_from_validation, request_models)
+                                  error_from_validation, error_responses, request_models)
 from lmops.serve.source import ModelSource, ServedModel, chat_messages, render_plain
 from lmops.util import first_line
 
@@ -681,11 +681,12 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
     async def metrics_endpoint():
         return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(*([401, 403, 429] if auth else []), 503))
     async def models(key=inference) -> dict:
         return server.models()
 
-    completion_body, chat_body = request_models(cfg.serve.max_tokens_limit)
+    max_prompts = min(server.key_share, cfg.auth.burst) if auth and cfg.auth.enabled else server.key_share
+    completion_body, chat_body = request_models(cfg.serve.max_tokens_limit, max_prompts)
 
     async def completions(body, request: Request, key=inference):
         return await server.completions(body, request, key)
@@ -695,8 +696,13 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
 
     completions.__annotations__["body"] = completion_body  # classes of this config, not names to look up
     chat_completions.__annotations__["body"] = chat_body
-    app.post("/v1/completions")(completions)
-    app.post("/v1/chat/completions")(chat_completions)
+    inference_errors = error_responses(*([400, 401, 403] if auth else [400]), 404, 413, 429, 500, 503)
+    streamed = {200: {"description": "The completion: JSON, or with stream true server-sent events ending in "
+                      "data: [DONE].", "content": {"application/json": {}, "text/event-stream": {
+                          "schema": {"type": "string"}}}}}
+    app.post("/v1/completions", responses={**streamed, **inference_errors})(completions)
+    app.post("/v1/chat/completions", responses={**streamed, **inference_errors})(chat_completions)
+    app.openapi = lambda: _openapi(app)
 
     app.add_middleware(BodyLimit, max_bytes=cfg.serve.max_body_bytes, on_error=count)
     if logger is not None:
@@ -706,6 +712,21 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without its 422 (this server answers 400 for what it refuses, in OpenAI's shape)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
 
 async def _open() -> None:
     return None

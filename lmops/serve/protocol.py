@@ -9,8 +9,8 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler,
-                      field_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
+                      ValidationInfo, ValidatorFunctionWrapHandler, field_validator)
 from starlette.exceptions import HTTPException
 
 MAX_LOGPROBS = 5  # as OpenAI's completions API
@@ -78,6 +78,28 @@ def error_from_validation(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body: what every status but 200 carries."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """The `responses=` of a route: each status it can answer with, and what it means."""
+    meaning = {400: "Invalid request: the field is named in error.param.", 401: "Missing, invalid or revoked API key.",
+               403: "The key's role is too low.", 404: "No such model.", 413: "The body is over serve.max_body_bytes.",
+               429: "Rate limited, or the queue is full: retry after Retry-After seconds.",
+               500: "An internal error; error.message gives the request id.", 503: "Loading or shutting down."}
+    return {status: {"model": ErrorBody, "description": meaning[status]} for status in statuses}
+
+
 # ----------------------------------------------------------------------------- request bodies
 
 MAX_TOP_K = 2**31 - 1  # a bound for the schema; a top_k at or above the vocabulary keeps every token
@@ -101,17 +123,35 @@ def _unicode(text: str) -> str:
     return text
 
 
+def _number(value: Any) -> Any:
+    """JSON's numbers only: "5" and true are not numbers (pydantic's lax mode would take them), while
+    5.0 is the integer 5 (as JSON Schema says; pydantic's strict mode would refuse it)."""
+    if isinstance(value, (str, bool, bytes)):
+        raise ValueError("must be a number")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_number)]  # the bound first: then it is in the schema
 
 
 class _Body(BaseModel):
-    # OpenAI clients send fields a small server need not know: ignored. Strict: "5" is not a number.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # OpenAI clients send fields a small server need not know: ignored. Numbers are JSON's (_json_numbers),
+    # booleans true and false only.
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name]
+        kinds = {a for a in getattr(field.annotation, "__args__", (field.annotation,))}
+        if kinds & {int, float} and not kinds & {str, bool}:
+            return _number(value)
+        return value
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(_Body):
@@ -123,14 +163,14 @@ class SamplingFields(_Body):
     top_k: int = Field(-1, ge=-1, le=MAX_TOP_K, description="Extension, as vLLM's: keep the k most likely tokens; "
                        "-1 (or 0, or the vocabulary's size or more) keeps all.")
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported: send several requests instead.")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[Text, Field(max_length=MAX_STOP_CHARS)] | Annotated[
         list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters; the output is cut "
         "before the first.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, prompt and model: same output.")
-    ignore_eos: bool = Field(False, description="Extension, as vLLM's: generate past end-of-text, for benchmarks "
+    ignore_eos: StrictBool = Field(False, description="Extension, as vLLM's: generate past end-of-text, for benchmarks "
                              "that need outputs of a fixed length.")
     user: Text | None = None
 
@@ -145,7 +185,7 @@ class CompletionRequest(SamplingFields):
             description="Text or token ids, or a list of texts or of token-id lists (one choice per prompt).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Log-probability of each token and of this many most likely ones.")
-    echo: bool = Field(False, description="Return the prompt before the completion, with its logprobs when "
+    echo: StrictBool = Field(False, description="Return the prompt before the completion, with its logprobs when "
                        "logprobs is set; with max_tokens 0 this scores the prompt.")
 
     @field_validator("prompt", mode="wrap")
@@ -156,9 +196,14 @@ class CompletionRequest(SamplingFields):
         try:
             return handler(value)
         except ValidationError as err:
-            surrogate = next((e for e in err.errors() if e["type"] == "value_error"), None)
+            surrogate = next((e for e in err.errors() if "surrogate" in e["msg"]), None)
             if surrogate is not None:
                 raise ValueError(surrogate["msg"].removeprefix("Value error, ")) from None
+            if isinstance(value, list) and value and not isinstance(value[0], int) and (
+                    too_long := next((e for e in err.errors() if e["type"] == "too_long"), None)):
+                raise ValueError(f"{len(value)} prompts; this server takes at most {too_long['ctx']['max_length']} "
+                                 "in one request (serve.max_batch + half of serve.max_waiting, and auth.burst)") \
+                    from None
             raise ValueError(PROMPT_SHAPES) from None
 
 
@@ -175,13 +220,15 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name for max_tokens.")
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-def request_models(max_tokens_limit: int) -> tuple[type[CompletionRequest], type[ChatCompletionRequest]]:
-    """The request bodies of a server whose serve.max_tokens_limit is max_tokens_limit: the limit is in the
-    schema (so the OpenAPI document says what the server takes) and in the validation."""
+def request_models(max_tokens_limit: int, max_prompts: int) -> tuple[type[CompletionRequest],
+                                                                     type[ChatCompletionRequest]]:
+    """The request bodies of a server whose serve.max_tokens_limit is max_tokens_limit and which takes at
+    most max_prompts prompts in one request: the limits are in the schema (so the OpenAPI document says
+    what the server takes) and in the validation."""
 
     def limited(value: int | None) -> int | None:
         if value is not None and not 0 <= value <= max_tokens_limit:
@@ -192,8 +239,13 @@ def request_models(max_tokens_limit: int) -> tuple[type[CompletionRequest], type
     tokens = Annotated[int | None, AfterValidator(limited)]
     what = f"Tokens to generate at most, 0 to {max_tokens_limit}; the server's default if absent."
 
+    many = Field(min_length=1, max_length=max_prompts)
+
     class CompletionRequest(globals()["CompletionRequest"]):  # same names: the schema's titles
         max_tokens: tokens = Field(None, description=what, json_schema_extra=bound)
+        prompt: Text | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[Text], many] | \
+            Annotated[list[list[TokenId]], many] = Field(description=f"Text or token ids, or a list of up to "
+                                                         f"{max_prompts} texts or token-id lists (a choice each).")
 
     class ChatCompletionRequest(globals()["ChatCompletionRequest"]):
         max_tokens: tokens = Field(None, description=what, json_schema_extra=bound)

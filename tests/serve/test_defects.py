@@ -228,7 +228,8 @@ def test_a_key_fanning_out_many_prompts_leaves_room_for_the_other_keys(env):
     long = {"model": "tiny", "max_tokens": 300, "temperature": 0, "stream": True}
 
     r = httpx.post(f"{live.url}/v1/completions", headers=bearer(greedy), json={**long, "prompt": ["hi"] * 80})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts"  # never fits its share
+    error = r.json()["error"]  # never fits its share: the schema says so
+    assert r.status_code == 400 and error["param"] == "prompt" and "at most 48" in error["message"], error
 
     async def run():
         async with httpx.AsyncClient(base_url=live.url, timeout=120) as c:
@@ -259,3 +260,51 @@ def test_each_prompt_counts_against_the_keys_rate_limit(env):
     r = httpx.post(url, headers=bearer(key), json={**body, "prompt": ["a"] * 2})  # 4 of 4 taken, 1 + 1 more asked
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded" and r.headers["Retry-After"]
     live.stop()
+
+
+# ----------------------------------------------------------------------------- the OpenAPI document
+
+def test_the_openapi_document_describes_the_server(main):
+    doc = httpx.get(f"{main.url}/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"200", "400", "401", "404", "429"} <= set(responses)
+        assert "text/event-stream" in responses["200"]["content"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+# What no JSON schema can say: a prompt's length in tokens (it depends on the tokenizer), a token id beyond
+# the vocabulary of the model loaded, text the content policy refuses. Schema-valid data may get these 400s.
+CONTENT_DEPENDENT = {"context_length_exceeded", "content_blocked"}
+
+
+def test_schemathesis_finds_the_schema_and_the_server_agree(env):
+    """Every check of schemathesis, positive and negative data: what the schema refuses is refused, every
+    response is documented (status, content type, body), and what it allows is served, but for the 400s
+    of CONTENT_DEPENDENT (schemathesis' own positive-data check is replaced by one that knows them)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import positive_data_acceptance
+
+    live = env.start(*FAST, "serve.max_tokens_limit=8", "serve.max_prompt_tokens=64")
+    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    headers = bearer(env.keys["inference"])
+    failures = []
+    for op in [result.ok() for result in schema.get_all_operations()]:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                r = case.call_and_validate(base_url=live.url, headers=headers, timeout=30,
+                                           excluded_checks=[positive_data_acceptance])
+                if mode is GenerationMode.POSITIVE and r.status_code == 400:
+                    error = r.json()["error"]
+                    assert error["code"] in CONTENT_DEPENDENT or "vocabulary" in error["message"], (case.body, error)
+
+            try:
+                check()
+            except Exception as err:  # noqa: BLE001 - collected, to report every operation's failure
+                failures.append(f"{op.method.upper()} {op.path} {mode.value}: {str(err)[:1500]}")
+    live.stop()
+    assert not failures, "\n\n".join(failures)
