@@ -76,7 +76,8 @@ def metrics(live, secret: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(r.text) for s in family.samples}
 
 
-def wait_for(predicate, timeout: float = 5.0) -> None:
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    """Poll a condition the server does not signal (a generous timeout: a loaded machine is slow)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -521,7 +522,7 @@ def test_client_leaving_mid_stream_frees_its_slot(main, env):
                 next(lines)
                 wait_for(lambda: engine.stats().running == 1)  # (chat's first chunk comes before any token)
             # leaving the block closes the connection mid-stream
-            wait_for(lambda: (engine.stats().running, engine.stats().waiting) == (0, 0), timeout=3)
+            wait_for(lambda: (engine.stats().running, engine.stats().waiting) == (0, 0))
     assert metrics(main, deployer)[cancelled] == before + 2
 
 

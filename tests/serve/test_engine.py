@@ -263,27 +263,42 @@ def test_stop_drains_then_cancels():
 def test_async_streaming_and_task_cancellation():
     model = tiny(block_size=1024)
     engine = Engine(model).start()
+    forwards, held = 0, threading.Event()
+    real = engine._forward
+
+    def gated(idx, cache):  # after the prefill and one decode step, the engine waits for the test
+        nonlocal forwards
+        forwards += 1
+        if forwards > 3:
+            assert held.wait(30)
+        return real(idx, cache)
 
     async def main():
         h = engine.submit(prompt(5, 1), SamplingParams(max_tokens=10, temperature=0, logprobs=3))
         events = [e async for e in h]
         check_greedy(model, h, events)
+        nonlocal forwards
+        forwards = 1  # the slow request's prefill is the next forward
+        engine._forward = gated
         slow = engine.submit(prompt(5, 2), SamplingParams(max_tokens=1000, temperature=0))
+        first = asyncio.Event()
 
         async def read():  # waits in the handle for each token, where the cancellation lands
             async for _ in slow:
-                pass
+                first.set()
 
         task = asyncio.create_task(read())
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(first.wait(), 30)
         task.cancel()  # the client disconnected
         await asyncio.gather(task, return_exceptions=True)
-        await asyncio.to_thread(slow.wait, 5)
+        held.set()  # the step under way ends with one more token; the next one drops the request
+        assert await asyncio.to_thread(slow.wait, 30)
         return slow
 
     slow = asyncio.run(main())
     engine.stop(1)
-    assert slow.finish_reason == "cancelled" and slow.completion_tokens < 1000
+    # prefill's token, one decode step's, and the one of the step the cancellation arrived during
+    assert slow.finish_reason == "cancelled" and 1 <= slow.completion_tokens <= 3
 
 
 def test_a_step_wakes_each_event_loop_once_and_a_late_reader_catches_up_in_one_batch():
