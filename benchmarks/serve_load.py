@@ -52,7 +52,7 @@ def build(folder: Path) -> None:
     import torch
 
     from lmops.checkpoint import save_checkpoint
-    from lmops.data.corpus import demo_corpus
+    from lmops.data.demo import demo_corpus
     from lmops.model import GPT, GPTConfig
     from lmops.store import Store
     from lmops.tokenizer import save_tokenizer, train_tokenizer

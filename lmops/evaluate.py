@@ -67,7 +67,7 @@ def evaluate_checkpoint(ckpt_path: Path, tokens_dir: Path, cfg: Config) -> dict:
     trained_on = ckpt.meta.get("tokens", {}).get("tokenizer_sha256")
     if trained_on and trained_on != meta.get("tokenizer_sha256"):
         raise LmopsError(f"{tokens_dir}: encoded with another tokenizer than {ckpt.path} was trained with; "
-                         "evaluate on the token shards of its own tokenizer (`lmops tokenizer encode`)")
+                         "evaluate it on the token shards it was trained on (its run.json names them)")
     device = resolve_device(cfg.train.device)
     # float32 whatever training used: the numbers must not depend on a machine's bf16 support, since
     # a champion evaluated on one machine is compared with a challenger evaluated on another

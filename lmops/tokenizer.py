@@ -38,7 +38,7 @@ TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 TRAIN_HINT = "run `lmops tokenizer train` first"
-ENCODE_HINT = "encode the corpus first (`lmops tokenizer encode`)"
+ENCODE_HINT = "encode the dataset first (`lmops tokenizer train`)"
 
 # encode_batch works on chunks of about this many characters, in parallel. A chunk ends only just
 # before a single space or newline that has a non-space character on each side: a char tokenizer
@@ -160,14 +160,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def split_point(text: str, val_fraction: float) -> int:
-    """Characters of text that go to training: the first (1 - val_fraction), as nanoGPT cuts
-    shakespeare_char, moved to the end of an EOT if the cut would fall inside one."""
-    n = int(len(text) * (1 - val_fraction))
-    i = text.find(EOT, max(0, n - len(EOT) + 1))
-    return i + len(EOT) if i != -1 and i < n else n
-
-
 def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
     out, start = [], 0
     while start < len(text):
@@ -192,19 +184,6 @@ def encode_text(tok: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
             parts.extend(np.asarray(e.ids, dtype=dtype) for e in tok.encode_batch(batch, add_special_tokens=False))
             bar.advance(task, sum(map(len, batch)))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def encode_corpus(tok: Tokenizer, docs: list[str], out_dir: Path, val_fraction: float) -> dict:
-    """Encode docs (joined by EOT) into out_dir/train.bin, val.bin and meta.json; return the meta.
-
-    The split is by characters of the joined text, before tokenizing, so it does not depend on the
-    tokenizer: the same text is held out whether the model reads characters or BPE tokens.
-    """
-    if not 0 <= val_fraction < 1:
-        raise LmopsError(f"data.val_fraction {val_fraction} must be at least 0 and below 1")
-    text = EOT.join(docs)
-    n_train = split_point(text, val_fraction)
-    return encode_splits(tok, {"train": text[:n_train], "val": text[n_train:]}, out_dir)
 
 
 def encode_splits(tok: Tokenizer, texts: dict[str, str], out_dir: Path) -> dict:

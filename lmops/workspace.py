@@ -30,14 +30,6 @@ class Workspace:
         return self.root / STATE_DIR
 
     @property
-    def tokenizer_path(self) -> Path:
-        return self.state / "tokenizer" / "tokenizer.json"
-
-    @property
-    def tokens_dir(self) -> Path:
-        return self.state / "tokens"
-
-    @property
     def runs_dir(self) -> Path:
         return self.state / "runs"
 

@@ -5,7 +5,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, tokenized
 from mlflow import MlflowClient
 from rich.console import Console
 from safetensors import safe_open
@@ -13,8 +13,7 @@ from safetensors import safe_open
 from lmops import registry, tracking
 from lmops.checkpoint import Checkpoint, save_checkpoint
 from lmops.config import override
-from lmops.data.corpus import demo_corpus
-from lmops.data.prepare import prepare
+from lmops.data.demo import demo_corpus
 from lmops.errors import LmopsError
 from lmops.evaluate import check_gates, evaluate_checkpoint, log_evaluation
 from lmops.sample import continuations
@@ -29,9 +28,9 @@ def trained(tmp_path_factory):
     ws = init_workspace(tmp_path_factory.mktemp("registry") / "ws")
     (ws.root / "corpus" / "docs.txt").write_text(demo_corpus()[:60_000], encoding="utf-8")
     cfg = override(ws.config(), TINY + ["evaluate.max_new_tokens=16"])
-    tokens = prepare(ws, cfg, log=lambda m: None)
-    with tracking.start_training_run(ws, cfg, "ds-7", ws.tokenizer_path, "main") as run:
-        result = train(cfg, tokens, ws.run_dir("main"), ws.tokenizer_path.parent, progress=False,
+    tokens = Path(tokenized(ws, cfg)["tokens_dir"])
+    with tracking.start_training_run(ws, cfg, "ds-7", tokens / "tokenizer.json", "main") as run:
+        result = train(cfg, tokens, ws.run_dir("main"), tokens, progress=False,
                        log=lambda m: None, on_metrics=run.log_row)
     results = evaluate_checkpoint(result.checkpoint, tokens, cfg)
     return ws, cfg, tokens, run.run_id, result.checkpoint, results

@@ -7,16 +7,16 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, tokenized
 from mlflow import MlflowClient
 
 from lmops import registry, tracking
 from lmops.checkpoint import Checkpoint, save_checkpoint
 from lmops.config import override
-from lmops.data.corpus import demo_corpus
-from lmops.data.prepare import prepare
+from lmops.data.demo import demo_corpus
 from lmops.evaluate import check_gates, evaluate_checkpoint
 from lmops.train import train
 from lmops.workspace import init_workspace
@@ -53,9 +53,9 @@ def trained(tmp_path_factory):
     ws = init_workspace(tmp_path_factory.mktemp("registry-crash") / "ws")
     (ws.root / "corpus" / "docs.txt").write_text(demo_corpus()[:60_000], encoding="utf-8")
     cfg = override(ws.config(), TINY + ["evaluate.max_new_tokens=16"])
-    tokens = prepare(ws, cfg, log=lambda m: None)
-    with tracking.start_training_run(ws, cfg, "ds-1", ws.tokenizer_path, "main") as run:
-        result = train(cfg, tokens, ws.run_dir("main"), ws.tokenizer_path.parent, progress=False,
+    tokens = Path(tokenized(ws, cfg)["tokens_dir"])
+    with tracking.start_training_run(ws, cfg, "ds-1", tokens / "tokenizer.json", "main") as run:
+        result = train(cfg, tokens, ws.run_dir("main"), tokens, progress=False,
                        log=lambda m: None, on_metrics=run.log_row)
     results = evaluate_checkpoint(result.checkpoint, tokens, cfg)
     results_file = ws.root / "results.json"

@@ -1,4 +1,4 @@
-"""Tokenizers round-trip exactly, load in transformers, and the encoded corpus splits as nanoGPT's."""
+"""Tokenizers round-trip exactly, load in transformers, and a dataset's splits encode byte for byte."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from lmops.tokenizer import (
     EOT,
     UNK,
     _chunks,
-    encode_corpus,
+    encode_splits,
     encode_text,
     load_meta,
     load_tokenizer,
     load_tokens,
     save_tokenizer,
-    split_point,
     token_dtype,
     tokenizer_sha256,
     train_tokenizer,
@@ -123,14 +122,11 @@ def test_chunked_encoding_matches_whole_text() -> None:
         assert ids.tolist() == tok.encode(text).ids
 
 
-def test_encode_corpus_split_bytes_and_meta(tmp_path: Path) -> None:
+def test_encode_splits_bytes_and_meta(tmp_path: Path) -> None:
     docs = ["première ligne\nsecond line\n" * 20, "日本語 " * 30, "last doc 😀\n" * 10]
     tok = train_tokenizer(docs, "char")
-    meta = encode_corpus(tok, docs, tmp_path, val_fraction=0.25)
-    text = EOT.join(docs)
-    n_train = int(len(text) * 0.75)
-    train_text, val_text = text[:n_train], text[n_train:]
-    assert EOT not in val_text[:5]  # the cut is not inside an EOT here; see test_split_never_cuts_eot
+    train_text, val_text = EOT.join(docs[:2]), docs[2]
+    meta = encode_splits(tok, {"train": train_text, "val": val_text}, tmp_path)
     assert meta == load_meta(tmp_path)
     assert meta["dtype"] == "uint16" and meta["kind"] == "char"
     assert meta["vocab_size"] == tok.get_vocab_size()
@@ -141,28 +137,18 @@ def test_encode_corpus_split_bytes_and_meta(tmp_path: Path) -> None:
     assert isinstance(train, np.memmap) and train.dtype == np.uint16
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
     assert train.tolist() == tok.encode(train_text).ids and val.tolist() == tok.encode(val_text).ids
-    assert tok.decode(np.concatenate([train, val]).tolist(), skip_special_tokens=False) == text
+    assert tok.decode(train.tolist(), skip_special_tokens=False) == train_text
     assert np.array_equal(np.memmap(tmp_path / "train.bin", dtype="uint16", mode="r"), train)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_encode_corpus_bpe(tmp_path: Path) -> None:
+def test_encode_splits_bpe(tmp_path: Path) -> None:
     docs = [ENGLISH, UNICODE]
     tok = train_tokenizer(docs, "bpe", vocab_size=300)
-    meta = encode_corpus(tok, docs, tmp_path, val_fraction=0.1)
+    meta = encode_splits(tok, {"train": EOT.join(docs), "val": UNICODE}, tmp_path)
     assert meta["kind"] == "bpe"
-    ids = np.concatenate([load_tokens(tmp_path, "train"), load_tokens(tmp_path, "val")]).tolist()
-    assert tok.decode(ids, skip_special_tokens=False) == EOT.join(docs)
-    assert meta["train_bytes"] + meta["val_bytes"] == len(EOT.join(docs).encode())
-
-
-def test_split_never_cuts_eot() -> None:
-    text = "a" * 10 + EOT + "b" * 10
-    for fraction in (0.4, 0.5, 0.6):
-        n = split_point(text, fraction)
-        assert EOT in text[:n] or EOT in text[n:]
-    assert split_point(text, 0.5) == 10 + len(EOT)  # int(33 * 0.5) = 16 falls inside it
-    assert split_point(text, 0.1) == int(len(text) * 0.9)  # after the EOT: left as it is
+    assert tok.decode(load_tokens(tmp_path, "train").tolist(), skip_special_tokens=False) == EOT.join(docs)
+    assert meta["train_bytes"] == len(EOT.join(docs).encode())
 
 
 def test_dtype_choice() -> None:
@@ -176,7 +162,7 @@ def test_uint32_when_vocab_is_large(tmp_path: Path) -> None:
     text = "".join(chr(c) for c in range(0x20000, 0x20000 + 66000))
     tok = train_tokenizer([text], "char")
     assert tok.get_vocab_size() > 65536
-    meta = encode_corpus(tok, [text[:2000]], tmp_path, val_fraction=0.1)
+    meta = encode_splits(tok, {"train": text[:1800], "val": text[1800:2000]}, tmp_path)
     assert meta["dtype"] == "uint32"
     assert load_tokens(tmp_path, "val").dtype == np.uint32
 
@@ -185,30 +171,43 @@ def test_load_tokens_errors(tmp_path: Path) -> None:
     with pytest.raises(LmopsError, match="meta.json"):
         load_tokens(tmp_path, "train")
     tok = train_tokenizer(["hello world"], "char")
-    encode_corpus(tok, ["hello world"], tmp_path, val_fraction=0.5)
+    encode_splits(tok, {"train": "hello", "val": " world"}, tmp_path)
     (tmp_path / "val.bin").write_bytes(b"\x01")  # as if a run stopped half-way
     with pytest.raises(LmopsError, match="val.bin"):
         load_tokens(tmp_path, "val")
-    with pytest.raises(LmopsError, match="val_fraction"):
-        encode_corpus(tok, ["x"], tmp_path, val_fraction=1.0)
 
 
 def test_empty_val_split(tmp_path: Path) -> None:
     tok = train_tokenizer(["abc"], "char")
-    meta = encode_corpus(tok, ["abc"], tmp_path, val_fraction=0.0)
+    meta = encode_splits(tok, {"train": "abc", "val": ""}, tmp_path)
     assert meta["val_tokens"] == 0 and len(load_tokens(tmp_path, "val")) == 0
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent (kept in shared/data)")
-def test_tinyshakespeare_matches_nanogpt(tmp_path: Path) -> None:
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    tok = train_tokenizer([text], "char")
+def test_tinyshakespeare_splits_and_encodes_as_nanogpt(tmp_path: Path) -> None:
+    """Through the one data path (ingest -> dataset version -> tokenize): the one file is split inside
+    itself at the line break after 90% (nanoGPT cuts at 90% of the characters, mid-line), and the char
+    tokenizer has nanoGPT's 65 characters."""
+    import shutil
+
+    from lmops.config import override
+    from lmops.data.ingest import clean_text
+    from lmops.pipeline import prepare_data
+    from lmops.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "ws")
+    shutil.copy(SHAKESPEARE, ws.root / "corpus" / "input.txt")
+    data = prepare_data(ws, override(ws.config(), ["tokenizer.kind=char"]), log=lambda m: None)
+    out = Path(data["tokens_dir"])
+    meta = load_meta(out)
+    tok = load_tokenizer(out)
     assert tok.get_vocab_size() == 65 + 2  # nanoGPT's 65 characters, plus EOT and <unk>
-    meta = encode_corpus(tok, [text], tmp_path, val_fraction=0.1)
-    assert (meta["train_tokens"], meta["val_tokens"]) == (1003854, 111540)
-    assert meta["train_bytes"] + meta["val_bytes"] == 1115394
-    train = load_tokens(tmp_path, "train")
-    assert tok.decode(train[:200].tolist()) == text[:200]
-    # nanoGPT's ids are ours minus the two specials
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    clean = clean_text(text)  # ingest's cleaning: trailing spaces and the final newline go
+    assert len(text) - len(clean) == 5 and meta["train_bytes"] + meta["val_bytes"] == len(clean.encode())
+    head = clean[:clean.index("\n", int(len(clean) * 0.9)) + 1]
+    assert meta["train_tokens"] == len(head) and meta["val_tokens"] == len(clean) - len(head)
+    assert abs(meta["train_tokens"] - 1003854) < 80  # nanoGPT's 90% cut, to within a line
+    train = load_tokens(out, "train")
     chars = sorted(set(text))
-    assert (train[:1000].astype(np.int64) - 2).tolist() == [chars.index(c) for c in text[:1000]]
+    assert (train[:1000].astype(np.int64) - 2).tolist() == [chars.index(c) for c in text[:1000]]  # nanoGPT's ids + 2

@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import TINY
+from conftest import TINY, tokenized
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
@@ -17,13 +17,17 @@ from lmops import tracking
 from lmops.checkpoint import Checkpoint
 from lmops.config import override
 from lmops.errors import LmopsError
-from lmops.data.corpus import demo_corpus
+from lmops.data.demo import demo_corpus
 from lmops.data.dataset import Doc, doc_id, write_dataset
-from lmops.data.prepare import prepare
 from lmops.sample import continuations
 from lmops.tokenizer import load_meta, load_tokenizer
 from lmops.train import train
 from lmops.workspace import init_workspace
+
+
+def tokenizer_file(ws):
+    """A stand-in tokenizer file for tests of tracking alone."""
+    return ws.state / "tokenizer" / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +36,9 @@ def trained(tmp_path_factory):
     ws = init_workspace(tmp_path_factory.mktemp("tracking") / "ws")
     (ws.root / "corpus" / "docs.txt").write_text(demo_corpus()[:60_000], encoding="utf-8")
     cfg = override(ws.config(), TINY)
-    tokens = prepare(ws, cfg, log=lambda m: None)
-    with tracking.start_training_run(ws, cfg, "ds-42", ws.tokenizer_path, "main") as run:
-        result = train(cfg, tokens, ws.run_dir("main"), ws.tokenizer_path.parent, progress=False,
+    tokens = Path(tokenized(ws, cfg)["tokens_dir"])
+    with tracking.start_training_run(ws, cfg, "ds-42", tokens / "tokenizer.json", "main") as run:
+        result = train(cfg, tokens, ws.run_dir("main"), tokens, progress=False,
                        log=lambda m: None, on_metrics=run.log_row)
         uri = run.log_checkpoint(result.checkpoint)
     return ws, cfg, tokens, run.run_id, uri
@@ -121,17 +125,17 @@ def test_the_checkpoint_is_logged_as_an_mlflow_model(trained):
     greedy = loaded.predict(["The list"], params={"max_tokens": 12, "temperature": 0.0})
     assert greedy == loaded.predict(["The list"], params={"max_tokens": 12, "temperature": 0.0, "seed": 99})
     trained_model = Checkpoint(ws.run_dir("main") / "ckpt.safetensors").model()
-    assert continuations(trained_model, load_tokenizer(ws.tokenizer_path.parent), "The list", 12, temperature=0.9,
+    assert continuations(trained_model, load_tokenizer(ws.run_dir("main")), "The list", 12, temperature=0.9,
                          seed=1) == texts[:1]  # what lmops generate samples
 
 
 def test_the_dataset_version_is_an_mlflow_input(workspace):
     cfg = workspace.config()
-    workspace.tokenizer_path.parent.mkdir(parents=True)
-    workspace.tokenizer_path.write_text("{}")
+    tokenizer_file(workspace).parent.mkdir(parents=True)
+    tokenizer_file(workspace).write_text("{}")
     text = "A document about lists. " * 20
     version = write_dataset([Doc(doc_id(text), text, "corpus/docs.txt")], {"sources": []}, workspace.state, 0.0, None)
-    with tracking.start_training_run(workspace, cfg, version.id, workspace.tokenizer_path, "main") as run:
+    with tracking.start_training_run(workspace, cfg, version.id, tokenizer_file(workspace), "main") as run:
         run.log_row({"step": 1, "loss": 3.0})
     got = MlflowClient(tracking.tracking_uri(workspace, cfg)).get_run(run.run_id)
     (item,) = got.inputs.dataset_inputs
@@ -177,10 +181,10 @@ def test_a_failed_send_keeps_the_metrics_for_the_next(capsys):
 
 def test_failed_training_marks_the_run_failed_and_resume_continues_it(workspace):
     cfg = workspace.config()
-    (workspace.tokenizer_path.parent).mkdir(parents=True)
-    workspace.tokenizer_path.write_text("{}")
+    (tokenizer_file(workspace).parent).mkdir(parents=True)
+    tokenizer_file(workspace).write_text("{}")
     with pytest.raises(RuntimeError):
-        with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "it's") as run:
+        with tracking.start_training_run(workspace, cfg, None, tokenizer_file(workspace), "it's") as run:
             run.log_row({"step": 1, "loss": 3.0})
             raise RuntimeError("boom")
     client = MlflowClient(tracking.tracking_uri(workspace, cfg))
@@ -189,7 +193,7 @@ def test_failed_training_marks_the_run_failed_and_resume_continues_it(workspace)
     assert tracking.TAG_DATASET not in first.data.tags
 
     changed = override(cfg, ["train.max_steps=5000"])
-    with tracking.start_training_run(workspace, changed, None, workspace.tokenizer_path, "it's", resume=True) as again:
+    with tracking.start_training_run(workspace, changed, None, tokenizer_file(workspace), "it's", resume=True) as again:
         again.log_row({"step": 2, "loss": 2.5})
     assert again.run_id == run.run_id
     resumed = client.get_run(run.run_id)
@@ -197,7 +201,7 @@ def test_failed_training_marks_the_run_failed_and_resume_continues_it(workspace)
     assert resumed.data.params["train.max_steps"] == "2000"  # params are immutable: the first value stays
     assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2]
 
-    with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "it's") as fresh:
+    with tracking.start_training_run(workspace, cfg, None, tokenizer_file(workspace), "it's") as fresh:
         pass
     assert fresh.run_id != run.run_id
 
@@ -212,7 +216,7 @@ def test_configure_uses_a_given_uri(workspace, tmp_path):
 
 def test_only_rank_zero_tracks(workspace, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # another process of a torchrun
-    with tracking.start_training_run(workspace, workspace.config(), None, workspace.tokenizer_path, "main") as run:
+    with tracking.start_training_run(workspace, workspace.config(), None, tokenizer_file(workspace), "main") as run:
         run.log_row({"step": 1, "loss": 1.0})
         assert run.log_checkpoint(workspace.run_dir("main") / "ckpt.safetensors") == ""
     assert run.run_id == "" and not (workspace.state / "mlflow.db").exists()
@@ -222,15 +226,15 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(workspace):
     """`lmops train --resume` refused before any step (checkpoint and config do not match) must not
     mark the finished run FAILED, nor touch its tags or config."""
     cfg = workspace.config()
-    workspace.tokenizer_path.parent.mkdir(parents=True)
-    workspace.tokenizer_path.write_text("{}")
-    with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "main") as run:
+    tokenizer_file(workspace).parent.mkdir(parents=True)
+    tokenizer_file(workspace).write_text("{}")
+    with tracking.start_training_run(workspace, cfg, None, tokenizer_file(workspace), "main") as run:
         run.log_row({"step": 1, "loss": 3.0})
     client = MlflowClient(tracking.tracking_uri(workspace, cfg))
     before = client.get_run(run.run_id)
-    workspace.tokenizer_path.write_text('{"changed": true}')
+    tokenizer_file(workspace).write_text('{"changed": true}')
     with pytest.raises(LmopsError, match="does not match"):
-        with tracking.start_training_run(workspace, override(cfg, ["model.n_layer=3"]), None, workspace.tokenizer_path,
+        with tracking.start_training_run(workspace, override(cfg, ["model.n_layer=3"]), None, tokenizer_file(workspace),
                                          "main", resume=True) as again:
             raise LmopsError("the checkpoint does not match the config")  # what check_resumable raises
     assert again.run_id == run.run_id
@@ -245,14 +249,14 @@ def test_a_resumed_run_logs_each_step_once(workspace):
     """Resumed from its step-2 checkpoint after a crash at step 4, training re-does steps 3 and 4:
     MLflow already has them, so they are not logged twice."""
     cfg = workspace.config()
-    workspace.tokenizer_path.parent.mkdir(parents=True)
-    workspace.tokenizer_path.write_text("{}")
+    tokenizer_file(workspace).parent.mkdir(parents=True)
+    tokenizer_file(workspace).write_text("{}")
     with pytest.raises(RuntimeError):
-        with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "main") as run:
+        with tracking.start_training_run(workspace, cfg, None, tokenizer_file(workspace), "main") as run:
             for step in range(1, 5):
                 run.log_row({"step": step, "loss": 10.0 - step, **({"val_loss": 9.0} if step == 2 else {})})
             raise RuntimeError("killed")
-    with tracking.start_training_run(workspace, cfg, None, workspace.tokenizer_path, "main", resume=True) as again:
+    with tracking.start_training_run(workspace, cfg, None, tokenizer_file(workspace), "main", resume=True) as again:
         for step in range(3, 7):
             again.log_row({"step": step, "loss": 10.0 - step, **({"val_loss": 8.0} if step == 4 else {})})
     assert again.run_id == run.run_id
@@ -294,7 +298,7 @@ def test_a_model_logged_during_training_links_the_metrics_still_buffered(trained
     """tracking.log_checkpoint(run_id, ...) inside start_training_run (as lmops.stages.train calls it)
     sends the buffered rows first, so the model links the metrics of its step."""
     ws, cfg = trained[0], trained[1]
-    with tracking.start_training_run(ws, cfg, None, ws.tokenizer_path, "buffered") as run:
+    with tracking.start_training_run(ws, cfg, None, trained[2] / "tokenizer.json", "buffered") as run:
         run.log_row({"step": 12, "loss": 1.5, "val_bpb": 2.5})  # buffered: FLUSH_ROWS rows not reached
         uri = tracking.log_checkpoint(run.run_id, ws.run_dir("main") / "ckpt.safetensors")
     model = MlflowClient(tracking.tracking_uri(ws, cfg)).get_logged_model(uri.removeprefix("models:/"))
