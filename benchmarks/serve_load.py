@@ -20,7 +20,9 @@ fixed prompts of 40-60 tokens, and stream_options.include_usage for the token co
    of each round's mean end-to-end latency compared (target: on costs < 5%).
 
 Streaming with moderation on holds back the last serve.moderation_holdback_chars characters of a
-completion until what follows them is known (lmops/serve/app.py), which shows in TTFT, not in latency.
+completion until what follows them is known (lmops/serve/output.py), which shows in TTFT, not in latency.
+With the features on, the request log also writes its journal (fsync'd before a response ends), as
+`lmops serve` does.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def serve(folder: Path, port: int, max_batch: int, features: bool, runtime: str)
     import uvicorn
 
     from lmops.config import override
-    from lmops.serve.app import ModelSource, create_app
+    from lmops.serve.app import create_app
+    from lmops.serve.source import ModelSource
     from lmops.store import Store
     from lmops.workspace import Workspace
 
@@ -93,7 +96,8 @@ def serve(folder: Path, port: int, max_batch: int, features: bool, runtime: str)
                                  f"serve.runtime={runtime}", "auth.rate_limit_per_s=10000", "auth.burst=10000"])
     store = Store.for_workspace(ws, cfg)
     app = create_app(cfg, ModelSource(ws, cfg, str(folder / "model")), store, auth=features, moderation=features,
-                     request_log=features, metrics=features)
+                     request_log=features, metrics=features,
+                     journal_dir=ws.state / "request-journal" / str(port) if features else None)
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
 
 
