@@ -52,7 +52,7 @@ from lmops.serve.middleware import BodyLimit, RequestLog
 from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs, completion_logprobs,
                                 prompt_logprobs)
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
-                                  error_from_validation, error_responses, request_models)
+                                  error_from_validation, error_responses, key_share, max_prompts, request_models)
 from lmops.serve.source import ModelSource, ServedModel, chat_messages, render_plain
 from lmops.util import first_line
 
@@ -214,10 +214,8 @@ class Server:
 
     @property
     def key_share(self) -> int:
-        """Engine requests (a request's prompts each count) one API key may have running or waiting at
-        once: the whole batch and half of the waiting queue, so a key that fans out a large batch always
-        leaves the other half of the queue to the other keys."""
-        return self.sc.max_batch + math.ceil(self.sc.max_waiting / 2)
+        """Engine requests one API key may have running or waiting at once (protocol.key_share)."""
+        return key_share(self.sc.max_batch, self.sc.max_waiting)
 
     def admit(self, request: Request, key, count: int) -> None:
         """A request of `count` engine requests (one per prompt): each counts against the key's rate limit
@@ -685,8 +683,7 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
     async def models(key=inference) -> dict:
         return server.models()
 
-    max_prompts = min(server.key_share, cfg.auth.burst) if auth and cfg.auth.enabled else server.key_share
-    completion_body, chat_body = request_models(cfg.serve.max_tokens_limit, max_prompts)
+    completion_body, chat_body = request_models(cfg.serve.max_tokens_limit, max_prompts(cfg, auth))
 
     async def completions(body, request: Request, key=inference):
         return await server.completions(body, request, key)

@@ -5,6 +5,7 @@ FastAPI's own validation errors included (400, not 422: what OpenAI clients expe
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
                       ValidationInfo, ValidatorFunctionWrapHandler, field_validator)
 from starlette.exceptions import HTTPException
+
+from lmops.config import Config, ServeConfig
 
 MAX_LOGPROBS = 5  # as OpenAI's completions API
 
@@ -179,34 +182,6 @@ PROMPT_SHAPES = ("give a string, a list of token ids, or a list of strings or of
                  "list, nor ids mixed with those)")
 
 
-class CompletionRequest(SamplingFields):
-    prompt: Text | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)] | \
-        Annotated[list[list[TokenId]], Field(min_length=1)] = Field(
-            description="Text or token ids, or a list of texts or of token-id lists (one choice per prompt).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="Log-probability of each token and of this many most likely ones.")
-    echo: StrictBool = Field(False, description="Return the prompt before the completion, with its logprobs when "
-                       "logprobs is set; with max_tokens 0 this scores the prompt.")
-
-    @field_validator("prompt", mode="wrap")
-    @classmethod
-    def _one_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One message for a prompt of no accepted shape, rather than one per branch of the union; a text
-        that is no Unicode says so."""
-        try:
-            return handler(value)
-        except ValidationError as err:
-            surrogate = next((e for e in err.errors() if "surrogate" in e["msg"]), None)
-            if surrogate is not None:
-                raise ValueError(surrogate["msg"].removeprefix("Value error, ")) from None
-            if isinstance(value, list) and value and not isinstance(value[0], int) and (
-                    too_long := next((e for e in err.errors() if e["type"] == "too_long"), None)):
-                raise ValueError(f"{len(value)} prompts; this server takes at most {too_long['ctx']['max_length']} "
-                                 "in one request (serve.max_batch + half of serve.max_waiting, and auth.burst)") \
-                    from None
-            raise ValueError(PROMPT_SHAPES) from None
-
-
 class TextPart(_Body):
     type: Literal["text"]
     text: Text
@@ -217,18 +192,24 @@ class ChatMessage(_Body):
     content: Text | list[TextPart] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name for max_tokens.")
-    logprobs: StrictBool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+def key_share(max_batch: int, max_waiting: int) -> int:
+    """Engine requests (a request's prompts each count) one API key may have running or waiting at once:
+    the whole batch and half of the waiting queue, so a key that fans out a large batch always leaves the
+    other half of the queue to the other keys."""
+    return max_batch + math.ceil(max_waiting / 2)
 
 
-def request_models(max_tokens_limit: int, max_prompts: int) -> tuple[type[CompletionRequest],
-                                                                     type[ChatCompletionRequest]]:
-    """The request bodies of a server whose serve.max_tokens_limit is max_tokens_limit and which takes at
-    most max_prompts prompts in one request: the limits are in the schema (so the OpenAPI document says
-    what the server takes) and in the validation."""
+def max_prompts(cfg: Config, auth: bool = True) -> int:
+    """Prompts one request may hold: its key's share of the queue, and no more than the key's burst
+    (each prompt counts as a request against its rate limit)."""
+    share = key_share(cfg.serve.max_batch, cfg.serve.max_waiting)
+    return min(share, cfg.auth.burst) if auth and cfg.auth.enabled else share
+
+
+def request_models(max_tokens_limit: int, max_prompts: int) -> tuple[type[SamplingFields], type[SamplingFields]]:
+    """The request bodies (completions, chat) of a server whose serve.max_tokens_limit is max_tokens_limit
+    and which takes at most max_prompts prompts in one request: the limits are in the schema (so the
+    OpenAPI document says what the server takes) and in the validation."""
 
     def limited(value: int | None) -> int | None:
         if value is not None and not 0 <= value <= max_tokens_limit:
@@ -238,18 +219,44 @@ def request_models(max_tokens_limit: int, max_prompts: int) -> tuple[type[Comple
     bound = {"minimum": 0, "maximum": max_tokens_limit}
     tokens = Annotated[int | None, AfterValidator(limited)]
     what = f"Tokens to generate at most, 0 to {max_tokens_limit}; the server's default if absent."
-
     many = Field(min_length=1, max_length=max_prompts)
 
-    class CompletionRequest(globals()["CompletionRequest"]):  # same names: the schema's titles
+    class CompletionRequest(SamplingFields):
         max_tokens: tokens = Field(None, description=what, json_schema_extra=bound)
         prompt: Text | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[Text], many] | \
             Annotated[list[list[TokenId]], many] = Field(description=f"Text or token ids, or a list of up to "
                                                          f"{max_prompts} texts or token-id lists (a choice each).")
+        logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="Log-probability of each token and of this many most likely ones.")
+        echo: StrictBool = Field(False, description="Return the prompt before the completion, with its logprobs "
+                                 "when logprobs is set; with max_tokens 0 this scores the prompt.")
 
-    class ChatCompletionRequest(globals()["ChatCompletionRequest"]):
+        @field_validator("prompt", mode="wrap")
+        @classmethod
+        def _one_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+            """One message for a prompt of no accepted shape, rather than one per branch of the union; a
+            text that is no Unicode says so, a list too long says how long it may be."""
+            try:
+                return handler(value)
+            except ValidationError as err:
+                surrogate = next((e for e in err.errors() if "surrogate" in e["msg"]), None)
+                if surrogate is not None:
+                    raise ValueError(surrogate["msg"].removeprefix("Value error, ")) from None
+                if isinstance(value, list) and value and not isinstance(value[0], int) and len(value) > max_prompts:
+                    raise ValueError(f"{len(value)} prompts; this server takes at most {max_prompts} in one request "
+                                     "(serve.max_batch + half of serve.max_waiting, and auth.burst)") from None
+                raise ValueError(PROMPT_SHAPES) from None
+
+    class ChatCompletionRequest(SamplingFields):
+        messages: list[ChatMessage] = Field(min_length=1)
         max_tokens: tokens = Field(None, description=what, json_schema_extra=bound)
         max_completion_tokens: tokens = Field(None, description="OpenAI's newer name for max_tokens.",
                                               json_schema_extra=bound)
+        logprobs: StrictBool = False
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     return CompletionRequest, ChatCompletionRequest
+
+
+# the bodies of a server with the default config (the routes get those of theirs, from create_app)
+CompletionRequest, ChatCompletionRequest = request_models(ServeConfig().max_tokens_limit, max_prompts(Config()))
