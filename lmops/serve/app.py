@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, probes, metrics.
 
 HTTP lives here; the engine (engine.py) sees only token ids. A request passes, outermost first: the
-request log (one row per inference request, whatever became of it) -> a body-size limit (413 before any
-parsing) -> FastAPI's validation -> the API key (lmops.serve.auth: 401/403/429) -> moderation of the
-prompt -> the engine -> stop sequences and moderation of the completion -> the client, whole or as
-server-sent events.
+request log (one row per inference request, whatever became of it; written ahead to a journal before
+the response's last bytes) -> a body-size limit (413 before any parsing) -> FastAPI's validation against
+the request bodies of protocol.py (400) -> the API key (lmops.serve.auth: 401/403/429; each prompt
+counts) -> the prompt's length in tokens -> moderation of the prompt (both in a worker thread when the
+prompt is long) -> the engine (within the key's share of the queue) -> stop sequences and moderation of
+the completion (output.py) -> the client, whole or as server-sent events.
 
 Choices a reader could make otherwise (those about text on its way out are in output.py):
 - A completion that trips a "block" rule ends with finish_reason "content_filter" (Azure OpenAI's), its
@@ -14,7 +16,10 @@ Choices a reader could make otherwise (those about text on its way out are in ou
 - n > 1 is refused (400): each choice would be a separate engine request anyway. A list of prompts is
   served, one choice per prompt, all submitted at once so they batch.
 - Errors always have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, FastAPI's own
-  validation errors included (400, not 422: what OpenAI clients expect).
+  validation errors included (400, not 422: what OpenAI clients expect). A 500 says only that it happened
+  and the request id: the exception, which describes the server's insides, goes to the log.
+- A prompt of token ids is scored as sent: when moderation would change its text, it is refused, as
+  re-encoding the redacted text would score other tokens than the client's.
 - Serving an alias (NAME@champion), the server follows it: when it moves, the new version is loaded
   beside the old one and swapped into the engine, which lets running requests finish on the old model.
   A request queued at that moment runs on the new model; if the new version's tokenizer differs, that
