@@ -71,7 +71,7 @@ def build(folder: Path) -> None:
     save_checkpoint(folder / "model" / "ckpt.safetensors", model)
     ws = init_workspace(folder / "ws")
     with Store.for_workspace(ws) as store:
-        _, secret = store.create_api_key("bench", "inference", "bench")
+        _, secret = store.keys.create("bench", "inference", "bench")
     (folder / "key").write_text(secret)
     text = demo_corpus()
     prompts, start = [], 0

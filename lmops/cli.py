@@ -180,7 +180,7 @@ def _audit_as_me(store):
     from lmops.store import default_actor
 
     actor = default_actor()
-    return lambda action, subject, details, reason=None: store.audit(actor, action, subject, details, reason)
+    return lambda action, subject, details, reason=None: store.audit.append(actor, action, subject, details, reason)
 
 
 @app.command()
@@ -476,9 +476,9 @@ def pipeline_list(workspace: WorkspaceOpt = None, limit: Annotated[int, typer.Op
 
     _, _, store = _store(workspace)
     with store:
-        alive = store.lock_holder_alive()
+        alive = store.pipeline.lock_holder_alive()
         table = Table("run", "started", "by", "status", "steps (* = cached, ! = not succeeded)", "seconds")
-        for run in store.list_pipeline_runs(limit):
+        for run in store.pipeline.list_runs(limit):
             steps = " ".join(f"{st.name}{'*' if st.cached else ''}{'' if st.status == 'succeeded' else '!'}" for st in run.steps)
             took = f"{run.duration_s:.1f}" if run.duration_s is not None else ""
             status = run.status
@@ -496,7 +496,7 @@ def pipeline_show(run_id: Annotated[str, typer.Argument(help="A run id from `lmo
 
     _, _, store = _store(workspace)
     with store:
-        run = store.get_pipeline_run(run_id)
+        run = store.pipeline.get_run(run_id)
         log(f"run {run.id}: {run.status} (started {run.started_at:%Y-%m-%d %H:%M:%S} by {run.started_by})"
             + (f"\n  error: {run.error}" if run.error else ""))
         for st in run.steps:
@@ -514,7 +514,7 @@ def unlock(workspace: WorkspaceOpt = None):
     """Break the workspace's pipeline lock left by a crashed run (check that it really is gone first)."""
     _, _, store = _store(workspace)
     with store:
-        holder = store.break_lock()
+        holder = store.pipeline.break_lock()
         log(f"lock broken (was held by pid {holder.pid} on {holder.host})" if holder else "no lock was held")
 
 
@@ -532,7 +532,7 @@ def keys_create(
         raise LmopsError(f"--role {role!r}: use one of {', '.join(ROLES)}")
     _, _, store = _store(workspace)
     with store:
-        key, secret = store.create_api_key(name, role, default_actor())
+        key, secret = store.keys.create(name, role, default_actor())
     log(f"key {key.prefix} ({key.role}) created for '{name}'; the secret below is shown only now, keep it safe:")
     typer.echo(secret)
 
@@ -546,7 +546,7 @@ def keys_list(workspace: WorkspaceOpt = None):
     _, _, store = _store(workspace)
     with store:
         table = Table("id", "prefix", "name", "role", "created (UTC)", "by", "revoked")
-        for k in store.list_api_keys():
+        for k in store.keys.list():
             table.add_row(str(k.id), k.prefix, k.name, k.role, f"{k.created_at:%Y-%m-%d %H:%M}", k.created_by,
                           f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
         console.print(table)
@@ -560,7 +560,7 @@ def keys_revoke(ref: Annotated[str, typer.Argument(help="Key id or prefix (from 
 
     _, _, store = _store(workspace)
     with store:
-        key = store.revoke_api_key(ref, by=default_actor())
+        key = store.keys.revoke(ref, by=default_actor())
     log(f"key {key.prefix} ('{key.name}', {key.role}) revoked")
 
 
@@ -579,7 +579,7 @@ def audit_list(
     _, _, store = _store(workspace)
     with store:
         table = Table("seq", "when (UTC)", "who", "action", "subject", "details", "why")
-        for e in store.list_audit(limit, subject=subject):
+        for e in store.audit.list(limit, subject=subject):
             table.add_row(str(e.seq), e.timestamp[:19].replace("T", " "), e.actor, e.action, e.subject,
                           json.dumps(e.details, sort_keys=True)[:80], e.reason or "")
         console.print(table)
@@ -591,7 +591,7 @@ def audit_verify(workspace: WorkspaceOpt = None):
     """Check the hash chain of the audit log: any edited, deleted or reordered entry is found."""
     _, _, store = _store(workspace)
     with store:
-        result = store.verify_audit()
+        result = store.audit.verify()
     if not result.ok:
         raise LmopsError(f"audit log TAMPERED at entry {result.first_bad_seq}: {result.reason}")
     log(f"audit log intact: {result.entries} entries, hash chain verified")

@@ -72,7 +72,7 @@ class Context:
     keys: dict[str, str] = field(default_factory=dict)
 
     def audit(self, action: str, subject: str, details: dict, reason: str | None = None) -> None:
-        self.store.audit(self.actor, action, subject, details, reason)
+        self.store.audit.append(self.actor, action, subject, details, reason)
 
     def section(self, *names: str) -> dict:
         return {n: getattr(self.cfg, n).model_dump(mode="json") for n in names}
@@ -187,41 +187,41 @@ def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progr
         raise LmopsError(f"--from {from_step}: not a step of this pipeline ({', '.join(steps)})")
     store = Store.for_workspace(ws, cfg)
     ctx = Context(ws, cfg, store, log, progress, default_actor())
-    with store, store.pipeline_lock():
-        for gone in store.close_abandoned_runs(ABANDONED):  # we hold the lock: no other run is alive
+    with store, store.pipeline.lock():
+        for gone in store.pipeline.close_abandoned(ABANDONED):  # we hold the lock: no other run is alive
             log(f"[yellow]pipeline run {gone} was left running by a process that is gone: marked failed[/]")
-        run = store.start_pipeline_run(sha256_json(cfg.to_dict()), ctx.actor)
+        run = store.pipeline.start_run(sha256_json(cfg.to_dict()), ctx.actor)
         ran, cached = [], []
         for name in steps:
             t0 = time.perf_counter()
             key = KEYS[name](ctx)
             ctx.keys[name] = key
             forced = from_step is not None and steps.index(name) >= steps.index(from_step)
-            hit = None if forced else store.find_cached_step(name, key)
+            hit = None if forced else store.pipeline.find_cached_step(name, key)
             if hit is not None and _outputs_present(name, hit.outputs):
                 ctx.outputs[name] = hit.outputs
-                store.finish_step(store.start_step(run.id, name, key).id, "succeeded", hit.outputs, cached=True)
+                store.pipeline.finish_step(store.pipeline.start_step(run.id, name, key).id, "succeeded", hit.outputs, cached=True)
                 cached.append(name)
                 log(f"[dim]{name:9} cached ({key[:12]}), nothing changed[/]")
                 continue
             log(f"[bold]{name:9}[/] running")
-            step = store.start_step(run.id, name, key)
+            step = store.pipeline.start_step(run.id, name, key)
             try:
                 ctx.outputs[name] = RUN[name](ctx)
             except BaseException as err:
                 known = isinstance(err, (LmopsError, KeyboardInterrupt))
                 message = (str(err) or "interrupted") if known else f"{type(err).__name__}: {first_line(err)}"
-                store.finish_step(step.id, "failed", {}, error=message)
-                store.finish_pipeline_run(run.id, "failed", error=f"{name}: {message}")
+                store.pipeline.finish_step(step.id, "failed", {}, error=message)
+                store.pipeline.finish_run(run.id, "failed", error=f"{name}: {message}")
                 if not known:
                     raise  # a bug: its traceback matters more than advice
                 raise LmopsError(f"pipeline step '{name}' failed: {message}; earlier steps are kept: fix it and run "
                                  f"`{again}` again (done steps are skipped"
                                  + (", training resumes from its checkpoint)" if name == "train" else ")")) from None
-            store.finish_step(step.id, "succeeded", ctx.outputs[name])
+            store.pipeline.finish_step(step.id, "succeeded", ctx.outputs[name])
             ran.append(name)
             log(f"{name:9} done in {time.perf_counter() - t0:.1f} s")
-        store.finish_pipeline_run(run.id, "succeeded")
+        store.pipeline.finish_run(run.id, "succeeded")
     return PipelineResult(run.id, ran, cached, ctx.outputs)
 
 

@@ -43,15 +43,15 @@ def ingest(ws: Workspace, cfg: Config, store, actor: str, sources: list[str] | N
 
     result = run_ingest(sources or cfg.data.corpus, cfg.data, cfg.safety, ws.root, ws.state, progress=progress)
     Console(stderr=True).print(render_report(result.report))
-    previous = store.list_datasets()
+    previous = store.datasets.list()
     version = write_dataset(result.documents, result.report, ws.state, cfg.data.val_fraction,
                             parent=previous[-1].id if previous else None, split_within=cfg.data.split_within_chars)
     known = {d.id for d in previous}
     n = version.manifest["totals"]["documents"]
-    store.add_dataset(version.id, version.short_id, str(version.path), version.manifest.get("parent"), n, actor,
+    store.datasets.add(version.id, version.short_id, str(version.path), version.manifest.get("parent"), n, actor,
                       {k: result.report[k] for k in ("documents_in", "documents_out", "duplicate_ratio", "pii")})
     if version.id not in known:
-        store.audit(actor, "dataset.created", f"dataset:{version.short_id}", {"id": version.id, "documents": n})
+        store.audit.append(actor, "dataset.created", f"dataset:{version.short_id}", {"id": version.id, "documents": n})
     return version
 
 

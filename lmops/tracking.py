@@ -221,8 +221,6 @@ def client(ws: Workspace, cfg: Config) -> MlflowClient:
     return MlflowClient(uri, uri)
 
 
-_first_line = first_line  # old name; other modules may still import it
-file_sha256 = sha256_file  # old name; other modules may still import it
 
 
 def git_commit(root: Path) -> tuple[str, str]:
@@ -335,15 +333,14 @@ class TrainingRun:
         if self.pending:
             self._send()
 
-    def log_checkpoint(self, ckpt_path: Path) -> str:
-        """The checkpoint as the run's MLflow model (log_model); its URI, "" on a process that does not
-        track. The metrics buffered so far are sent first: the model links the run's metrics at its step."""
+    def log_model(self, ckpt_path: Path) -> str:
+        """The checkpoint as the run's MLflow model (the module's log_model); its URI, "" on a process
+        that does not track. The metrics buffered so far are sent first: the model links the run's
+        metrics at its step."""
         if self.client is None:
             return ""
         self._send()
         return log_model(self.run_id, ckpt_path, self.client)
-
-    log_model = log_checkpoint
 
 
 @contextmanager
@@ -505,9 +502,6 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     tags[TAG_MODEL_ID] = info.model_id
     c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return info.model_uri
-
-
-log_checkpoint = log_model  # the name callers use
 
 
 def _log_pyfunc(run_id: str, folder: Path, step: int, tags: dict[str, str]):

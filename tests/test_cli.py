@@ -187,7 +187,7 @@ def test_keys_are_shown_once_and_stored_as_hashes(workspace):
     from lmops.store import Store
 
     with Store.for_workspace(workspace) as store:
-        assert store.verify_api_key(secret) is None
+        assert store.keys.verify(secret) is None
     bad = lmops("keys", "create", "x", "--role", "root", *w, check=False)
     assert bad.returncode == 1 and "inference, deployer, admin" in bad.stderr
 

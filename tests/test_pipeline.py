@@ -56,13 +56,13 @@ def test_pipeline_caches_resumes_and_records_everything(pipeline_ws):
     assert forced.cached == ["ingest", "validate", "tokenize", "train"] and forced.ran[0] == "evaluate"
 
     with Store.for_workspace(ws, cfg) as store:
-        runs = store.list_pipeline_runs(20)
+        runs = store.pipeline.list_runs(20)
         assert [r.status for r in runs][:3] == ["succeeded", "succeeded", "failed"]
         failed = runs[2]
         assert "min_documents" in failed.error and [s.status for s in failed.steps][-1] == "failed"
-        actions = [e.action for e in store.list_audit(200)]
+        actions = [e.action for e in store.audit.list(200)]
         assert {"dataset.created", "model.registered", "model.alias_set", "model.promoted"} <= set(actions)
-        assert store.verify_audit().ok
+        assert store.audit.verify().ok
 
 
 def test_lineage_from_alias_to_corpus(pipeline_ws):
@@ -81,7 +81,7 @@ def test_lineage_from_alias_to_corpus(pipeline_ws):
 def test_second_pipeline_on_the_same_workspace_is_refused(pipeline_ws):
     ws = pipeline_ws
     cfg = override(ws.config(), PIPELINE)
-    with Store.for_workspace(ws, cfg) as store, store.pipeline_lock():
+    with Store.for_workspace(ws, cfg) as store, store.pipeline.lock():
         with pytest.raises(LmopsError, match="another pipeline run"):
             run_pipeline(ws, cfg, log=quiet)
 
@@ -103,7 +103,7 @@ def test_a_step_failing_with_a_bug_is_marked_failed_and_keeps_its_traceback(pipe
     with pytest.raises(RuntimeError, match="a bug"):
         run_pipeline(pipeline_ws, cfg, log=quiet)
     with Store.for_workspace(pipeline_ws, cfg) as store:
-        run = store.list_pipeline_runs(1)[0]
+        run = store.pipeline.list_runs(1)[0]
         assert run.status == "failed" and run.error == "tokenize: RuntimeError: a bug"
         assert [(s.name, s.status) for s in run.steps][-1] == ("tokenize", "failed")
 
@@ -140,7 +140,7 @@ def test_a_killed_run_shows_as_gone_and_the_next_run_closes_it_and_resumes_train
     assert any("was left running by a process that is gone: marked failed" in m for m in logs)
     assert result.cached == ["ingest", "validate", "tokenize"] and result.ran[0] == "train"
     with Store.for_workspace(ws) as store:
-        runs = store.list_pipeline_runs(2)
+        runs = store.pipeline.list_runs(2)
         assert [r.status for r in runs] == ["succeeded", "failed"] and "process is gone" in runs[1].error
         assert [s.status for s in runs[1].steps][-1] == "failed"
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]

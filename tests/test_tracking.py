@@ -22,6 +22,7 @@ from lmops.data.dataset import Doc, doc_id, write_dataset
 from lmops.sample import continuations
 from lmops.tokenizer import load_meta, load_tokenizer
 from lmops.train import train
+from lmops.util import sha256_file
 from lmops.workspace import init_workspace
 
 
@@ -40,7 +41,7 @@ def trained(tmp_path_factory):
     with tracking.start_training_run(ws, cfg, "ds-42", tokens / "tokenizer.json", "main") as run:
         result = train(cfg, tokens, ws.run_dir("main"), tokens, progress=False,
                        log=lambda m: None, on_metrics=run.log_row)
-        uri = run.log_checkpoint(result.checkpoint)
+        uri = run.log_model(result.checkpoint)
     return ws, cfg, tokens, run.run_id, uri
 
 
@@ -66,7 +67,7 @@ def test_training_run_is_tracked(trained):
     assert commit == "unknown" or len(commit) == 40
     assert tags["mlflow.source.git.commit"] == commit
     assert tags[tracking.TAG_CHECKPOINT_STEP] == "12"
-    assert tags[tracking.TAG_CHECKPOINT_SHA] == tracking.file_sha256(ws.run_dir("main") / "ckpt.safetensors")
+    assert tags[tracking.TAG_CHECKPOINT_SHA] == sha256_file(ws.run_dir("main") / "ckpt.safetensors")
 
     loss = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in loss) == list(range(1, 13))
@@ -218,7 +219,7 @@ def test_only_rank_zero_tracks(workspace, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # another process of a torchrun
     with tracking.start_training_run(workspace, workspace.config(), None, tokenizer_file(workspace), "main") as run:
         run.log_row({"step": 1, "loss": 1.0})
-        assert run.log_checkpoint(workspace.run_dir("main") / "ckpt.safetensors") == ""
+        assert run.log_model(workspace.run_dir("main") / "ckpt.safetensors") == ""
     assert run.run_id == "" and not (workspace.state / "mlflow.db").exists()
 
 
@@ -295,11 +296,11 @@ def test_the_model_runs_where_lmops_is_not_installed(trained, tmp_path):
 
 
 def test_a_model_logged_during_training_links_the_metrics_still_buffered(trained):
-    """tracking.log_checkpoint(run_id, ...) inside start_training_run (as lmops.stages.train calls it)
+    """tracking.log_model(run_id, ...) inside start_training_run (as lmops.stages.train calls it)
     sends the buffered rows first, so the model links the metrics of its step."""
     ws, cfg = trained[0], trained[1]
     with tracking.start_training_run(ws, cfg, None, trained[2] / "tokenizer.json", "buffered") as run:
         run.log_row({"step": 12, "loss": 1.5, "val_bpb": 2.5})  # buffered: FLUSH_ROWS rows not reached
-        uri = tracking.log_checkpoint(run.run_id, ws.run_dir("main") / "ckpt.safetensors")
+        uri = tracking.log_model(run.run_id, ws.run_dir("main") / "ckpt.safetensors")
     model = MlflowClient(tracking.tracking_uri(ws, cfg)).get_logged_model(uri.removeprefix("models:/"))
     assert {(m.key, m.value, m.step) for m in model.metrics} == {("loss", 1.5, 12), ("val_bpb", 2.5, 12)}

@@ -8,7 +8,7 @@ PostgreSQL database shared with MLflow (which has its own alembic_version) works
 
 from alembic import context
 
-from lmops.store import VERSION_TABLE, Base
+from lmops.store import VERSION_TABLE, Base  # every domain module of lmops.store is imported: all tables
 
 connection = context.config.attributes.get("connection")
 if connection is None or context.is_offline_mode():

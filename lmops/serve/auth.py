@@ -1,7 +1,7 @@
 """Who may call the server: API keys, roles and per-key rate limits.
 
-- A request carries `Authorization: Bearer lmk_...`, a key made by `Store.create_api_key`. The store
-  checks it (`Store.verify_api_key`); the answer is cached for `auth.key_cache_ttl_s` (5 s), so a busy
+- A request carries `Authorization: Bearer lmk_...`, a key made by `store.keys.create`. The store
+  checks it (`store.keys.verify`); the answer is cached for `auth.key_cache_ttl_s` (5 s), so a busy
   server asks the database once per key every few seconds rather than on every request, and a revoked
   key stops working within those seconds (sooner than anyone reacts to a leak).
 - Roles are ordered inference < deployer < admin: a route requiring deployer admits deployer and admin.
@@ -71,7 +71,7 @@ class Authenticator:
         hit, key = self.cached(secret)
         if hit:
             return key
-        key = self.store.verify_api_key(secret)
+        key = self.store.keys.verify(secret)
         if self.cache_ttl_s > 0:
             digest = hashlib.sha256(secret.encode("utf-8")).digest()
             now = self._clock()

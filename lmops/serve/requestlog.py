@@ -157,10 +157,10 @@ def replay_journal(store: Store, folder: Path) -> int:
     written = 0
     if rows:
         since = min((r["ts"] for r in rows if r.get("ts") is not None), default=None)
-        held = {r.request_id for r in store.list_requests(limit=10 * len(rows) + 1000, since=since)}
+        held = {r.request_id for r in store.requests.list(limit=10 * len(rows) + 1000, since=since)}
         fresh = list({r["request_id"]: r for r in rows if r["request_id"] not in held}.values())
         for start in range(0, len(fresh), MAX_BATCH_ROWS):
-            written += store.log_requests(fresh[start:start + MAX_BATCH_ROWS])
+            written += store.requests.log(fresh[start:start + MAX_BATCH_ROWS])
         log.info("request journal: replayed %d rows into the store (%d were there already)", written,
                  len(rows) - written)
     for path in folder.glob("journal-*.jsonl") if folder.is_dir() else ():
@@ -322,7 +322,7 @@ class RequestLogger:
     def _write(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
         """(written, refused): together, how many of rows, from the front, are done with."""
         try:
-            return self.store.log_requests(rows), 0
+            return self.store.requests.log(rows), 0
         except Exception as err:  # noqa: BLE001 - the writer thread must survive any database error
             if not _refused(err):
                 log.warning("request log: writing %d rows failed (%s); kept, retrying", len(rows), first_line(err))
@@ -330,7 +330,7 @@ class RequestLogger:
         written = refused = 0
         for row in rows:  # find the rows the database refuses, keep the others
             try:
-                written += self.store.log_requests([row])
+                written += self.store.requests.log([row])
             except Exception as err:  # noqa: BLE001
                 if not _refused(err):  # the database went away meanwhile: retry from this row on
                     log.warning("request log: writing rows failed (%s); kept, retrying", first_line(err))

@@ -152,7 +152,7 @@ class Env:
         self.ws = init_workspace(root)
         self.model_dir = model_dir
         self.store = Store.for_workspace(self.ws)
-        self.keys = {role: self.store.create_api_key(f"test-{role}", role, "tests")[1]
+        self.keys = {role: self.store.keys.create(f"test-{role}", role, "tests")[1]
                      for role in ("inference", "deployer", "admin")}
         self.servers: list[LiveServer] = []
 
@@ -162,7 +162,7 @@ class Env:
     def key(self, role: str = "inference", name: str | None = None) -> str:
         if name is None:
             return self.keys[role]
-        return self.store.create_api_key(name, role, "tests")[1]
+        return self.store.keys.create(name, role, "tests")[1]
 
     def start(self, *sets: str, source=None, shutdown_timeout_s: float = 10.0, ready: bool = True,
               **features) -> LiveServer:

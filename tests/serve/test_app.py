@@ -409,7 +409,7 @@ def test_api_keys_roles_and_probes(main, env):
 
     secret = env.key("inference", "soon-revoked")
     assert httpx.post(f"{url}/v1/completions", json=body, headers=bearer(secret)).status_code == 200
-    env.store.revoke_api_key(secret[:12], "tests")
+    env.store.keys.revoke(secret[:12], "tests")
     assert httpx.post(f"{url}/v1/completions", json=body, headers=bearer(secret)).status_code == 401
 
     r = httpx.get(f"{url}/metrics", headers=bearer(env.keys["inference"]))
@@ -577,8 +577,8 @@ def test_moderation_blocks_and_redacts(env):
     since = utcnow()
     r = client.completions.create(model="tiny", prompt=f"mail {address}", max_tokens=1, temperature=0)
     assert r.usage.prompt_tokens == len("mail [EMAIL]")
-    wait_for(lambda: env.store.list_requests(since=since))
-    row = env.store.list_requests(since=since)[0]
+    wait_for(lambda: env.store.requests.list(since=since))
+    row = env.store.requests.list(since=since)[0]
     assert row.prompt == "mail [EMAIL]" and row.moderation["input"] == {"action": "redact", "hits": {"pii": ["email"]}}
 
     counts = metrics(live, env.keys["deployer"])
@@ -631,7 +631,7 @@ def test_request_log_and_graceful_shutdown(env):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{live.url}/healthz")
 
-    rows = env.store.list_requests(limit=100, since=since)  # written by the shutdown's flush at the latest
+    rows = env.store.requests.list(limit=100, since=since)  # written by the shutdown's flush at the latest
     assert len(rows) == n + 1 and {r.status_code for r in rows} == {200}
     assert {r.model for r in rows} == {"tiny"} and all(r.key_id == rows[0].key_id is not None for r in rows)
     stream_row = next(r for r in rows if r.completion_tokens == 400)
@@ -685,7 +685,7 @@ def test_serve_follows_the_alias_and_drains_on_sigterm(tmp_path, tok):
         assert registry.register(ws, cfg, run.run_id, ckpt, {}, [], None) == version
     registry.promote(ws, cfg, "1")
     with Store.for_workspace(ws, cfg) as store:
-        _, key = store.create_api_key("tests", "inference", "tests")
+        _, key = store.keys.create("tests", "inference", "tests")
 
     port = _free_port()
     script = ("import sys; from lmops.config import override; from lmops.serve.app import serve; "
@@ -747,7 +747,7 @@ def test_serve_follows_the_alias_and_drains_on_sigterm(tmp_path, tok):
         output = proc.communicate()[0]
     assert "now serving tiny v2" in output and "Finished server process" in output, output
     with Store.for_workspace(ws, cfg) as store:  # every request logged, flushed at shutdown
-        assert len(store.list_requests(limit=10_000)) == len(fingerprints) + 1
+        assert len(store.requests.list(limit=10_000)) == len(fingerprints) + 1
 
 
 def _free_port() -> int:

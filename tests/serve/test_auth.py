@@ -79,9 +79,9 @@ def test_roles_are_ordered():
 
 def test_keys_and_roles_over_http(store):
     client = make_app(store)
-    _, infer = store.create_api_key("app", "inference", "alice")
-    _, deployer = store.create_api_key("ci", "deployer", "alice")
-    _, admin = store.create_api_key("ops", "admin", "alice")
+    _, infer = store.keys.create("app", "inference", "alice")
+    _, deployer = store.keys.create("ci", "deployer", "alice")
+    _, admin = store.keys.create("ops", "admin", "alice")
 
     r = client.get("/v1/models")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -107,37 +107,37 @@ def test_keys_and_roles_over_http(store):
 
 
 def test_a_revoked_key_stops_working_within_the_cache_ttl(store):
-    key, secret = store.create_api_key("app", "inference", "alice")
+    key, secret = store.keys.create("app", "inference", "alice")
     clock = Clock()
     authn = Authenticator(store, cache_ttl_s=5, clock=clock)
     assert authn.verify(secret) == key
-    store.revoke_api_key(key.id, by="bob")
+    store.keys.revoke(key.id, by="bob")
     clock.now += 4.9
     assert authn.verify(secret) == key  # still cached
     clock.now += 0.2
     assert authn.verify(secret) is None  # asked the store again
     assert authn.cached(secret) == (True, None)
 
-    other, other_secret = store.create_api_key("app2", "inference", "alice")
+    other, other_secret = store.keys.create("app2", "inference", "alice")
     assert authn.verify(other_secret) == other
-    store.revoke_api_key(other.id, by="bob")
+    store.keys.revoke(other.id, by="bob")
     authn.forget()  # revoked by this process: no need to wait
     assert authn.verify(other_secret) is None
 
 
 def test_revocation_over_http_with_no_cache(store):
     client = make_app(store, key_cache_ttl_s=0)
-    key, secret = store.create_api_key("app", "inference", "alice")
+    key, secret = store.keys.create("app", "inference", "alice")
     assert client.get("/v1/models", headers=bearer(secret)).status_code == 200
-    store.revoke_api_key(key.prefix, by="bob")
+    store.keys.revoke(key.prefix, by="bob")
     r = client.get("/v1/models", headers=bearer(secret))
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
 def test_rate_limit_per_key_with_retry_after(store):
     client = make_app(store, rate_limit_per_s=0.1, burst=2)
-    _, a = store.create_api_key("a", "inference", "alice")
-    _, b = store.create_api_key("b", "inference", "alice")
+    _, a = store.keys.create("a", "inference", "alice")
+    _, b = store.keys.create("b", "inference", "alice")
     assert [client.get("/v1/models", headers=bearer(a)).status_code for _ in range(2)] == [200, 200]
     r = client.get("/v1/models", headers=bearer(a))
     assert r.status_code == 429 and r.headers["retry-after"] == "10"  # ceil(1 token / 0.1 per s - time taken)

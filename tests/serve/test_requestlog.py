@@ -25,7 +25,7 @@ def row(i: int, **extra) -> dict:
 
 
 def ids(store: Store) -> list[str]:
-    return sorted(r.request_id for r in store.list_requests(limit=100_000))
+    return sorted(r.request_id for r in store.requests.list(limit=100_000))
 
 
 def wait_until(condition, timeout: float = 30.0) -> bool:
@@ -58,13 +58,13 @@ def test_concurrent_log_calls_write_every_row_once(store):
 
 
 def test_close_flushes_the_buffer(store, monkeypatch):
-    real, wrote = store.log_requests, threading.Event()
+    real, wrote = store.requests.log, threading.Event()
 
     def watched(rows):
         wrote.set()
         return real(rows)
 
-    monkeypatch.setattr(store, "log_requests", watched)
+    monkeypatch.setattr(store.requests, "log", watched)
     logger = RequestLogger(store, batch_rows=1000, flush_interval_ms=60_000)  # neither would trigger a write
     for i in range(10):
         logger.log(row(i))
@@ -87,7 +87,7 @@ def test_flush_and_interval(store):
 def test_a_transient_failure_loses_nothing(store, monkeypatch):
     # Simulated: the store raises once, as when the database is locked or restarting; the rows are kept
     # and written on the retry.
-    real = store.log_requests
+    real = store.requests.log
     calls = []
 
     def flaky(rows):
@@ -96,7 +96,7 @@ def test_a_transient_failure_loses_nothing(store, monkeypatch):
             raise exc.OperationalError("INSERT INTO request_log ...", {}, Exception("simulated: database is locked"))
         return real(rows)
 
-    monkeypatch.setattr(store, "log_requests", flaky)
+    monkeypatch.setattr(store.requests, "log", flaky)
     logger = RequestLogger(store, batch_rows=1000, flush_interval_ms=60_000)
     for i in range(50):
         logger.log(row(i))
@@ -116,13 +116,13 @@ def test_a_row_the_database_refuses_is_dropped_alone(store):
 
 
 def test_log_never_waits_for_the_database_and_the_buffer_is_bounded(store, monkeypatch):
-    real, release = store.log_requests, threading.Event()
+    real, release = store.requests.log, threading.Event()
 
     def hanging(rows):  # simulated: a database that does not answer until released
         release.wait()
         return real(rows)
 
-    monkeypatch.setattr(store, "log_requests", hanging)
+    monkeypatch.setattr(store.requests, "log", hanging)
     logger = RequestLogger(store, batch_rows=2, flush_interval_ms=0, max_pending=5)
     accepted, returned = [], threading.Event()
 
@@ -155,14 +155,14 @@ def test_journal_rows_are_on_disk_when_the_future_is_done_and_replay_skips_store
     from lmops.serve.requestlog import Journal, replay_journal
 
     journal = tmp_path / "journal"
-    monkeypatch.setattr(store, "log_requests", lambda rows: (_ for _ in ()).throw(exc.OperationalError("", {}, None)))
+    monkeypatch.setattr(store.requests, "log", lambda rows: (_ for _ in ()).throw(exc.OperationalError("", {}, None)))
     logger = RequestLogger(store, journal_dir=journal)  # the database is down: nothing reaches it
     futures = [logger.log_durably(row(i)) for i in range(20)]
     for f in futures:
         f.result(timeout=30)
     assert [r["request_id"] for r in Journal.read(journal)] == [f"r{i}" for i in range(20)]  # on disk, in order
     monkeypatch.undo()
-    store.log_requests([requestlog.request_row(row(3))])  # one of them did reach the store before the "crash"
+    store.requests.log([requestlog.request_row(row(3))])  # one of them did reach the store before the "crash"
     (journal / "journal-999999999999.jsonl").write_bytes(b'{"seq": 20, "row": {"request_id": "r2')  # torn
     assert replay_journal(store, journal) == 19
     assert ids(store) == sorted(f"r{i}" for i in range(20)) and not list(journal.glob("*.jsonl"))
@@ -261,6 +261,6 @@ def test_every_answered_request_is_in_the_log_after_kill_9(env, tmp_path):
         proc.kill()
         proc.wait(30)
     replay_journal(env.store, env.ws.state / "request-journal" / str(port))
-    stored = {r.request_id for r in env.store.list_requests(limit=100_000)}
+    stored = {r.request_id for r in env.store.requests.list(limit=100_000)}
     missing = [rid for rid in answered if rid not in stored]
     assert len(answered) >= 60 and not missing, f"{len(missing)} of {len(answered)} answered requests not logged"
