@@ -37,3 +37,24 @@ def tokenized(ws, cfg) -> dict:
     from lmops.pipeline import prepare_data
 
     return prepare_data(ws, cfg, log=lambda m: None)
+
+
+def run_killed_after(args: list[str], cwd, delay: float | None) -> float:
+    """Run args (a Python script that prints 'ready' once its imports are done) and SIGKILL it `delay`
+    seconds after that (None: let it finish, and it must succeed); return the seconds it ran after
+    'ready'. For crash tests that spread kills over what the script does."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        start = time.perf_counter()
+        if delay is not None:
+            time.sleep(delay)  # not synchronisation: the moment of the kill
+            proc.kill()
+        code = proc.wait(timeout=120)
+        assert delay is not None or code == 0
+        return time.perf_counter() - start
+    finally:
+        proc.stdout.close()

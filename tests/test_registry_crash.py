@@ -4,13 +4,11 @@ version per run and checkpoint, with its card, its alias and its audit entries."
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, tokenized
+from conftest import TINY, run_killed_after, tokenized
 from mlflow import MlflowClient
 
 from lmops import registry, tracking
@@ -77,19 +75,8 @@ def _register(trained, ckpt, name, audit_file, delay):
     """REGISTER in a subprocess, SIGKILLed `delay` seconds after its imports (None: not killed);
     return the seconds it ran after its imports."""
     ws, sets, run_id, _, results_file = trained
-    proc = subprocess.Popen([sys.executable, "-c", REGISTER, str(ws.root), run_id, str(ckpt), name, str(audit_file),
-                             str(results_file), *sets], stdout=subprocess.PIPE, text=True, cwd=ws.root)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        start = time.perf_counter()
-        if delay is not None:
-            time.sleep(delay)  # not synchronisation: the moment of the kill, spread over the registration
-            proc.kill()
-        code = proc.wait(timeout=120)
-        assert delay is not None or code == 0
-        return time.perf_counter() - start
-    finally:
-        proc.stdout.close()
+    return run_killed_after([sys.executable, "-c", REGISTER, str(ws.root), run_id, str(ckpt), name, str(audit_file),
+                             str(results_file), *sets], ws.root, delay)
 
 
 def test_a_kill_during_register_is_completed_by_the_next(trained):

@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import run_killed_after
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -29,19 +29,7 @@ print("done", flush=True)
 def _setup_killed_after(root, delay: float | None) -> float:
     """Run SETUP on root and SIGKILL it `delay` seconds after its imports (None: let it finish);
     return the seconds from its imports to its end."""
-    proc = subprocess.Popen([sys.executable, "-c", SETUP, str(root)], stdout=subprocess.PIPE, text=True,
-                            cwd=root)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        start = time.perf_counter()
-        if delay is not None:
-            time.sleep(delay)  # not synchronisation: the moment of the kill, spread over the setup
-            proc.kill()
-        code = proc.wait(timeout=120)
-        assert delay is not None or code == 0
-        return time.perf_counter() - start
-    finally:
-        proc.stdout.close()
+    return run_killed_after([sys.executable, "-c", SETUP, str(root)], root, delay)
 
 
 def test_a_kill_during_the_first_setup_never_breaks_the_store(workspace):
