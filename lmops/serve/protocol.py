@@ -107,6 +107,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 
 MAX_TOP_K = 2**31 - 1  # a bound for the schema; a top_k at or above the vocabulary keeps every token
 MAX_STOP = 4  # stop sequences, as OpenAI's
+MAX_SEED = 2**53 - 1
 MAX_STOP_CHARS = 256  # a stream holds back len(longest stop) - 1 characters: a long one would hold it all
 SERVED_ROLES = ("system", "developer", "user", "assistant")  # serve.chat_roles' keys by default
 
@@ -172,7 +173,8 @@ class SamplingFields(_Body):
         list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters; the output is cut "
         "before the first.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, prompt and model: same output.")
+    # at most 2^53 - 1, JSON's largest exact integer: a client's float can say it, and JavaScript's too
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, prompt and model: same output.")
     ignore_eos: StrictBool = Field(False, description="Extension, as vLLM's: generate past end-of-text, for benchmarks "
                              "that need outputs of a fixed length.")
     user: Text | None = None
