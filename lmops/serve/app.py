@@ -212,9 +212,6 @@ class Server:
         if body.model not in (served.name, served.fingerprint, self.source.ref):
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{served.name}'",
                            "not_found_error", param="model", code="model_not_found")
-        if body.n != 1:
-            raise APIError(400, "n: only 1 is supported; send several requests instead", param="n",
-                           code="invalid_value")
         return served, engine, row
 
     @property
@@ -254,9 +251,8 @@ class Server:
 
     @staticmethod
     def stops(stop: str | list[str] | None) -> list[str]:
+        """The stop sequences (at most MAX_STOP: the request body says so), empty ones dropped."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4:
-            raise APIError(400, "stop: at most 4 sequences", param="stop", code="invalid_value")
         return [s for s in stops if s]
 
     def moderate_input(self, text: str, row: dict, param: str = "prompt") -> Moderation | None:
