@@ -50,7 +50,7 @@ from starlette.types import Receive, Scope, Send
 
 from lmops.config import Config
 from lmops.errors import LmopsError
-from lmops.safety import STRENGTH, Moderation, moderate
+from lmops.safety import moderate
 from lmops.serve.engine import Engine, EngineStopped, QueueFull, RequestHandle, SamplingParams
 from lmops.serve.metrics import Metrics
 from lmops.serve.middleware import BodyLimit, RequestLog
@@ -58,14 +58,14 @@ from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs,
                                 prompt_logprobs)
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
                                   error_from_validation, error_responses, key_share, max_prompts, request_models)
-from lmops.serve.source import ModelSource, ServedModel, chat_messages, render_plain
+from lmops.serve.prompts import Prompts
+from lmops.serve.source import ModelSource, ServedModel, chat_messages
 from lmops.util import first_line
 
 log = logging.getLogger("lmops.serve")
 
 RETRY_AFTER_QUEUE_S = 1  # a small model drains a full batch in about a second
 ENGINE_DRAIN_S = 2.0  # at shutdown, after the HTTP side waited: what is left in the engine has no client
-INLINE_CHARS = 4096  # prompts up to this long are tokenized and moderated on the event loop (< 5 ms)
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of SSE
 
 
@@ -111,6 +111,7 @@ class Server:
         self.load_error: str | None = None
         self.closing = False
         self.metrics = Metrics(self._stats)
+        self.prompts = Prompts(cfg, self.metrics if metrics else None, moderation)
         self._tasks: list[asyncio.Task] = []
         self._preloaded: tuple[ServedModel, Engine] | None = None
         self._held: dict[int, list[RequestHandle]] = {}  # key id -> its engine requests not known to be done
@@ -255,105 +256,6 @@ class Server:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return [s for s in stops if s]
 
-    def moderate_input(self, text: str, row: dict, param: str = "prompt") -> Moderation | None:
-        """The verdict on a prompt text, recorded in the row and counted; 400 content_blocked when a rule
-        blocks it. None with moderation off."""
-        if not self.moderation_on:
-            return None
-        m = moderate(text, self.cfg.safety, "input")
-        if m.hits:
-            if self.metrics_on:
-                self.metrics.moderated(m, self.cfg.safety, "input")
-            seen = row.setdefault("moderation", {}).setdefault("input", {"action": "allow", "hits": {}})
-            seen["action"] = max(seen["action"], m.action, key=STRENGTH.__getitem__)
-            for rule, names in m.hits.items():
-                seen["hits"][rule] = sorted(set(seen["hits"].get(rule, [])) | set(names))
-        if m.action == "block":
-            row["prompt"] = m.text
-            rules = ", ".join(rule for rule, names in m.hits.items()
-                              if self._action(rule) == "block")
-            raise APIError(400, f"{param}: refused by the content policy ({rules})", param=param,
-                           code="content_blocked")
-        return m
-
-    def _action(self, rule: str) -> str:
-        sc = self.cfg.safety
-        return {"pii": sc.pii_action, "blocklist": sc.blocklist_action, "injection": sc.injection_action}[rule]
-
-    def _ids(self, served: ServedModel, text: str, param: str) -> list[int]:
-        """text's token ids, within serve.max_prompt_tokens and the model's context."""
-        ids = served.tokenizer.encode(text, add_special_tokens=False).ids
-        self._check_length(served, ids, param)
-        return ids
-
-    def _check_length(self, served: ServedModel, ids: list[int], param: str) -> None:
-        limit = min(self.sc.max_prompt_tokens, served.model.cfg.block_size)
-        if len(ids) > limit:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; this server takes at most {limit} (the smaller "
-                           "of serve.max_prompt_tokens and the model's context)", param=param,
-                           code="context_length_exceeded")
-
-    def encode(self, served: ServedModel, prompt: str | list[int], row: dict, param: str = "prompt"
-               ) -> tuple[str, list[int]]:
-        """The prompt's text and ids as the model will see them. Limits first (the vocabulary, the prompt
-        length), then moderation, which reads the text: a text prompt that moderation redacts is encoded
-        again; token ids are scored as sent, so a prompt of ids that moderation would change is refused
-        (400, naming the rule) rather than rewritten behind the client's back."""
-        tok, vocab = served.tokenizer, served.model.cfg.vocab_size
-        if isinstance(prompt, str):
-            text, ids = prompt, self._ids(served, prompt, param)
-            if (m := self.moderate_input(text, row, param)) is not None and m.text != text:
-                text, ids = m.text, self._ids(served, m.text, param)
-        else:
-            if bad := [i for i in prompt if not 0 <= i < vocab][:1]:
-                raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                               param=param, code="invalid_value")
-            ids = list(prompt)
-            self._check_length(served, ids, param)
-            text = tok.decode(ids, skip_special_tokens=False)
-            if (m := self.moderate_input(text, row, param)) is not None and m.text != text:
-                row["prompt"] = m.text
-                rules = ", ".join(rule for rule in m.hits if self._action(rule) == "redact")
-                raise APIError(400, f"{param}: the content policy would redact this prompt ({rules}), and a prompt "
-                               "of token ids is scored as sent, never rewritten: send it as text to have it "
-                               "redacted, or without what the policy finds", param=param, code="content_blocked")
-        if not ids:  # nothing to continue: start a document, as in training
-            if served.eos_id is None:
-                raise APIError(400, f"{param}: empty", param=param, code="invalid_value")
-            ids = [served.eos_id]
-        return text, ids
-
-    async def off_loop(self, size: int, fn, *args):
-        """fn(*args), in a worker thread when the input is large: tokenizing and moderating a long prompt
-        takes milliseconds, which on the event loop would stall every other request and /healthz."""
-        if size <= INLINE_CHARS:
-            return fn(*args)
-        return await asyncio.to_thread(fn, *args)
-
-    def chat_prompt(self, served: ServedModel, messages: list[dict[str, str]], row: dict) -> tuple[str, list[int]]:
-        """The chat prompt's text and ids: the length checked on the messages as sent, then each one's
-        content moderated, then the template rendered and encoded."""
-        roles, template = self.sc.chat_roles, served.chat_template
-
-        def render(ms: list[dict[str, str]]) -> str:
-            return template.render(ms) if template else render_plain(ms, roles)
-
-        text = render(messages)
-        ids = self._ids(served, text, "messages")
-        moderated = []
-        for i, m in enumerate(messages):
-            verdict = self.moderate_input(m["content"], row, f"messages[{i}].content")
-            moderated.append({**m, "content": m["content"] if verdict is None else verdict.text})
-        if moderated != messages:  # redacted
-            text = render(moderated)
-            ids = self._ids(served, text, "messages")
-        if not ids:
-            if served.eos_id is None:
-                raise APIError(400, "messages: the chat template made an empty prompt", param="messages",
-                               code="invalid_value")
-            ids = [served.eos_id]
-        return text, ids
-
     def submit(self, engine: Engine, ids: list[int], params: SamplingParams) -> RequestHandle | Done:
         if params.max_tokens == 0:
             return Done(len(ids))
@@ -431,7 +333,7 @@ class Server:
                            "lists (not an empty list, nor ids mixed with those)", param="prompt", code="invalid_value")
         self.admit(request, key, len(batch) * body.n)
         size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in batch)
-        prompts = await self.off_loop(size, lambda: [self.encode(served, p, row) for p in batch])
+        prompts = await self.prompts.off_loop(size, lambda: [self.prompts.encode(served, p, row) for p in batch])
         row["prompt"] = "\n".join(text for text, _ in prompts)
         tok = served.tokenizer
         echoes = [tok.decode(ids, skip_special_tokens=False) if body.echo else "" for _, ids in prompts]
@@ -473,8 +375,8 @@ class Server:
         self.admit(request, key, body.n)
         # the plain transcript's own stops: an untuned model goes on to write the next turn itself
         stops = self.stops(body.stop) + ([] if template else [s for s in self.sc.chat_stop if s])
-        text, ids = await self.off_loop(sum(len(m["content"]) for m in messages), self.chat_prompt, served,
-                                        messages, row)
+        text, ids = await self.prompts.off_loop(sum(len(m["content"]) for m in messages), self.prompts.chat, served,
+                                                messages, row)
         row["prompt"] = text
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         choices = self.submit_all(engine, served, [ids], self.sampling(body, served, max_tokens, top_n), stops,

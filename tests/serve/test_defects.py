@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from lmops.serve import app as app_module
+from lmops.serve import prompts as prompts_module
 
 from .conftest import save_model, table_model
 
@@ -67,15 +67,15 @@ def test_moderating_a_long_prompt_runs_off_the_event_loop(env, tmp_path, tok, mo
     sets = [*FAST, "serve.max_prompt_tokens=8192", "serve.max_batch=2"]
     live = env.start(*sets, source=ModelSource(None, env.config(*sets), str(folder)))
     entered, release = threading.Event(), threading.Event()
-    real = app_module.moderate
+    real = prompts_module.moderate
 
     def held(text, cfg, direction):
-        if len(text) > app_module.INLINE_CHARS:
+        if len(text) > prompts_module.INLINE_CHARS:
             entered.set()
             assert release.wait(60)
         return real(text, cfg, direction)
 
-    monkeypatch.setattr(app_module, "moderate", held)
+    monkeypatch.setattr(prompts_module, "moderate", held)
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
         f"{live.url}/v1/completions", headers=bearer(env.keys["inference"]), timeout=120,
