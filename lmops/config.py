@@ -325,7 +325,7 @@ class ServeConfig(Section):
         description="Address to listen on: loopback, because the server speaks plain HTTP; put it behind a "
         "TLS-terminating proxy, or set 0.0.0.0 in a container whose network you control.",
     )
-    port: int = Field(8000, ge=0, le=65535, description="TCP port: 8000, as vLLM and most OpenAI-compatible servers.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port: 8000, as vLLM and most OpenAI-compatible servers.")
     served_model_name: str | None = Field(
         None,
         description="The model id clients send and /v1/models lists. None: registry.model_name for a "
