@@ -72,8 +72,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Native bf16 matmul (AVX512-BF16 or AMX): there bf16 autocast trains small models faster."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Native bf16 matmul (AVX512-BF16 or AMX): there bf16 autocast trains small models faster.
+    oneDNN's own check (`mkldnn._is_mkldnn_bf16_supported`) also says yes on plain AVX-512, where bf16
+    is emulated: a training step there took 2.3x as long as in float32 (4 x 128 model, batch 32 x 128)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -127,3 +127,12 @@ def test_a_half_written_checkpoint_of_a_killed_writer_is_removed(workspace, tiny
     stale.write_bytes(b"half a checkpoint")
     run(workspace, tiny_config, "main")
     assert not stale.exists() and [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from /proc/cpuinfo (Linux)")
+def test_bf16_autocast_only_where_the_cpu_has_it_natively():
+    from lmops.train import resolve_dtype
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
