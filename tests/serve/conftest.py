@@ -14,6 +14,7 @@ weights, so the logits also depend on the context (a wrong position would show i
 from __future__ import annotations
 
 import socket
+import sys
 import string
 import threading
 import time
@@ -185,3 +186,21 @@ def env(tmp_path_factory, model_dir):
     e = Env(tmp_path_factory.mktemp("serve") / "ws", model_dir)
     yield e
     e.close()
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# lmops.serve.app.serve, as `lmops serve` calls it, in a process of its own: WS MODEL PORT [--set items]
+SERVE = ("import sys; from lmops.config import override; from lmops.serve.app import serve; "
+         "from lmops.workspace import Workspace; ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
+         "serve(ws, override(ws.config(), sys.argv[4:]), sys.argv[2], '127.0.0.1', int(sys.argv[3]))")
+
+
+def serve_command(ws_root, model, port: int, *sets: str) -> list[str]:
+    """The command line of a server process for model on port, with section.key=value overrides."""
+    return [sys.executable, "-c", SERVE, str(ws_root), str(model), str(port), *sets]

@@ -11,7 +11,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -30,7 +29,7 @@ from lmops.serve.output import Detokenizer
 from lmops.store import utcnow
 from lmops.tokenizer import EOT, train_tokenizer
 
-from .conftest import EMAIL, next_table, save_model, table_model
+from .conftest import EMAIL, free_port, next_table, save_model, serve_command, table_model
 
 FAST = ["auth.key_cache_ttl_s=0", "auth.rate_limit_per_s=1000", "auth.burst=1000"]
 
@@ -687,13 +686,10 @@ def test_serve_follows_the_alias_and_drains_on_sigterm(tmp_path, tok):
     with Store.for_workspace(ws, cfg) as store:
         _, key = store.keys.create("tests", "inference", "tests")
 
-    port = _free_port()
-    script = ("import sys; from lmops.config import override; from lmops.serve.app import serve; "
-              "from lmops.workspace import Workspace; ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
-              "serve(ws, override(ws.config(), sys.argv[3:]), 'tiny@champion', '127.0.0.1', int(sys.argv[2]))")
+    port = free_port()
     # three unthrottled clients: with the fast runtime they outrun the default per-key rate limit (tested elsewhere)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ws.root), str(port), "serve.reload_interval_s=0.2",
-                             "registry.model_name=tiny", "auth.rate_limit_per_s=1000", "auth.burst=1000"],
+    proc = subprocess.Popen(serve_command(ws.root, "tiny@champion", port, "serve.reload_interval_s=0.2",
+                                          "registry.model_name=tiny", "auth.rate_limit_per_s=1000", "auth.burst=1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -748,14 +744,6 @@ def test_serve_follows_the_alias_and_drains_on_sigterm(tmp_path, tok):
     assert "now serving tiny v2" in output and "Finished server process" in output, output
     with Store.for_workspace(ws, cfg) as store:  # every request logged, flushed at shutdown
         assert len(store.requests.list(limit=10_000)) == len(fingerprints) + 1
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ready(url: str) -> bool:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +16,7 @@ import pytest
 
 from lmops.serve import prompts as prompts_module
 
-from .conftest import save_model, table_model
+from .conftest import free_port, save_model, serve_command, table_model
 
 FAST = ["auth.key_cache_ttl_s=0", "auth.rate_limit_per_s=1000", "auth.burst=1000"]
 
@@ -201,15 +199,7 @@ def test_a_model_that_cannot_load_fails_serve_before_the_port_is_bound(env, tmp_
     bad = tmp_path / "bad" / "ckpt.safetensors"
     bad.parent.mkdir()
     bad.write_bytes(b"not a checkpoint")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    script = ("import sys; from lmops.serve.app import serve; from lmops.workspace import Workspace; "
-              "ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
-              "serve(ws, ws.config(), sys.argv[2], '127.0.0.1', int(sys.argv[3]))")
-    proc = subprocess.run([sys.executable, "-c", script, str(env.ws.root), str(bad), str(port)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(serve_command(env.ws.root, bad, free_port()), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "LmopsError: cannot serve" in proc.stderr, proc.stderr[-2000:]
     assert "Uvicorn running" not in proc.stderr and "Started server" not in proc.stderr
 

@@ -12,6 +12,8 @@ from sqlalchemy import exc
 from lmops.serve.requestlog import RequestLogger
 from lmops.store import Store
 
+from .conftest import free_port, serve_command
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -197,24 +199,15 @@ def test_every_answered_request_is_in_the_log_after_kill_9(env, tmp_path):
     response (whole JSON, or a stream up to [DONE]) is in the store once its journal is replayed."""
     import json
     import signal
-    import socket
     import subprocess
-    import sys
 
     import httpx
 
     from lmops.serve.requestlog import replay_journal
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    script = ("import sys; from lmops.config import override; from lmops.serve.app import serve; "
-              "from lmops.workspace import Workspace; ws = Workspace(__import__('pathlib').Path(sys.argv[1])); "
-              "serve(ws, override(ws.config(), sys.argv[4:]), sys.argv[2], '127.0.0.1', int(sys.argv[3]))")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(env.ws.root), str(env.model_dir), str(port),
-                             "auth.rate_limit_per_s=1000", "auth.burst=1000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = subprocess.Popen(serve_command(env.ws.root, env.model_dir, port, "auth.rate_limit_per_s=1000",
+                                          "auth.burst=1000"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, key = f"http://127.0.0.1:{port}", env.keys["inference"]
     answered: list[str] = []
     enough, lock = threading.Event(), threading.Lock()
