@@ -84,7 +84,7 @@ def test_migrated_schema_is_the_orm_schema(store, url):
         ctx = MigrationContext.configure(conn, opts=opts)
         assert compare_metadata(ctx, Base.metadata) == []
         head = ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
-        assert ctx.get_current_revision() == head == "0002"
+        assert ctx.get_current_revision() == head == "0003"
     with Store.open(url) as again:  # opening a store at head changes nothing
         assert again.audit.verify().ok
     assert (MIGRATIONS / "env.py").is_file()
@@ -326,7 +326,7 @@ def test_migration_0002_upgrades_a_0001_store_and_downgrades(url):
         with Store.open(url) as store:  # opening upgrades to head, keeping what was there
             assert store.audit.verify().entries == 0
             key, _ = store.keys.create("ci", "inference", "alice")
-            store.requests.log([{"request_id": "r1", "endpoint": "/v1/completions", "status_code": 200,
+            store.requests.log([{"request_id": "r1", "route": "/v1/completions", "status_code": 200,
                                  "key_id": key.id}])
         with engine.begin() as conn:
             assert {"api_keys", "request_log"} <= set(inspect(conn).get_table_names())
@@ -398,10 +398,10 @@ def test_request_log(store):
     key, _ = store.keys.create("ci", "inference", "alice")
     t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     rows = [{"ts": t0 + timedelta(seconds=i), "request_id": f"r{i}", "key_id": key.id, "model": "lmops-model",
-             "model_version": "3", "endpoint": "/v1/chat/completions", "status_code": 200, "prompt": f"p{i}",
+             "model_version": "3", "route": "/v1/chat/completions", "status_code": 200, "prompt": f"p{i}",
              "completion": "c", "prompt_tokens": 5, "completion_tokens": 7, "queue_s": 0.01, "ttft_s": 0.05,
              "latency_s": 0.2, "moderation": {"action": "redact", "hits": {"pii": ["email"]}}} for i in range(5)]
-    rows.append({"request_id": "bad", "endpoint": "/v1/completions", "status_code": 401,
+    rows.append({"request_id": "bad", "route": "/v1/completions", "status_code": 401,
                  "error": "invalid key", "prompt": "nul\x00byte"})  # ts defaults to now; other columns to NULL
     assert store.requests.log(rows) == 6
     assert store.requests.log([]) == 0
@@ -417,10 +417,10 @@ def test_request_log(store):
     assert [r.request_id for r in store.requests.list(since=t0 + timedelta(seconds=3))] == ["bad", "r4", "r3"]
 
     with pytest.raises(ValueError, match="request_log has no column prompt_text"):
-        store.requests.log([{"request_id": "x", "endpoint": "/", "status_code": 200, "prompt_text": "hi"}])
+        store.requests.log([{"request_id": "x", "route": "/", "status_code": 200, "prompt_text": "hi"}])
     with pytest.raises(ValueError, match="request_log row without status_code"):
-        store.requests.log([{"request_id": "x", "endpoint": "/"}])
+        store.requests.log([{"request_id": "x", "route": "/"}])
     with pytest.raises(exc.IntegrityError):  # one transaction: a row the database refuses takes the batch with it
-        store.requests.log([{"request_id": "ok", "endpoint": "/", "status_code": 200},
-                            {"request_id": "no-such-key", "endpoint": "/", "status_code": 200, "key_id": 999}])
+        store.requests.log([{"request_id": "ok", "route": "/", "status_code": 200},
+                            {"request_id": "no-such-key", "route": "/", "status_code": 200, "key_id": 999}])
     assert len(store.requests.list(limit=100)) == 6

@@ -76,7 +76,7 @@ class RequestLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in INFERENCE_PATHS:
             return await self.app(scope, receive, send)
-        row: dict[str, Any] = {"ts": utcnow(), "request_id": uuid.uuid4().hex, "endpoint": scope["path"]}
+        row: dict[str, Any] = {"ts": utcnow(), "request_id": uuid.uuid4().hex, "route": scope["path"]}
         scope["lmops.row"] = row
         start = time.perf_counter()
         logged = False

@@ -10,6 +10,8 @@ session outlives the method that opened it) and the operations on them:
     store.audit      the hash-chained audit log    (lmops/store/audit.py)
     store.keys       API keys, stored as hashes    (lmops/store/keys.py)
     store.requests   the request log               (lmops/store/requests.py)
+    store.endpoints  endpoints, deployments, traffic (lmops/store/endpoints.py)
+    store.scores     scored live and shadow answers (lmops/store/scores.py)
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from sqlalchemy.orm import sessionmaker
 from lmops.errors import LmopsError
 from lmops.store.audit import GENESIS, AuditEntry, AuditLog, AuditVerification, audit_hash
 from lmops.store.datasets import DatasetRecord, Datasets
+from lmops.store.endpoints import Endpoints
 from lmops.store.db import (
     MIGRATIONS, VERSION_TABLE, Base, alembic_config, create, default_actor, mask_url, migrate, utcnow,
 )
 from lmops.store.keys import KEY_PREFIX, ROLES, ApiKey, ApiKeys
 from lmops.store.pipeline import LockHolder, PipelineRun, PipelineRuns, StepRun
 from lmops.store.requests import REQUEST_FIELDS, RequestLog, RequestRecord, request_row
+from lmops.store.scores import AnswerScore, AnswerScores
 from lmops.util import first_line
 
 if TYPE_CHECKING:
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
 DB_FILE = "lmops.db"
 
 __all__ = [
-    "DB_FILE", "GENESIS", "KEY_PREFIX", "MIGRATIONS", "REQUEST_FIELDS", "ROLES", "VERSION_TABLE", "ApiKey",
+    "DB_FILE", "GENESIS", "AnswerScore", "KEY_PREFIX", "MIGRATIONS", "REQUEST_FIELDS", "ROLES", "VERSION_TABLE", "ApiKey",
     "AuditEntry", "AuditVerification", "Base", "DatasetRecord", "LockHolder", "PipelineRun", "RequestRecord",
     "StepRun", "Store", "alembic_config", "audit_hash", "default_actor", "request_row", "utcnow",
 ]
@@ -55,6 +59,8 @@ class Store:
         self.audit = AuditLog(engine, sessions)
         self.keys = ApiKeys(sessions, self.audit)
         self.requests = RequestLog(sessions)
+        self.endpoints = Endpoints(sessions, self.audit)
+        self.scores = AnswerScores(sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:

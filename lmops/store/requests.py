@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, Text, insert, select
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, Text, insert, select
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from lmops.store.db import Base, UTCDateTime, utcnow
@@ -16,6 +16,7 @@ from lmops.store.db import Base, UTCDateTime, utcnow
 
 class RequestLogRow(Base):
     __tablename__ = "request_log"
+    __table_args__ = (Index("ix_request_log_endpoint_ts", "endpoint", "ts"),)
     # BIGINT: a busy server passes 2**31 requests; SQLite autoincrements only an INTEGER primary key.
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
     ts: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # when the request arrived
@@ -23,7 +24,9 @@ class RequestLogRow(Base):
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), index=True)  # None: auth disabled
     model: Mapped[str | None]
     model_version: Mapped[str | None]
-    endpoint: Mapped[str]
+    route: Mapped[str]  # the HTTP path: /v1/completions, ...
+    endpoint: Mapped[str | None]  # the lmops endpoint (lmops/deploy) and its deployment that answered
+    deployment: Mapped[str | None]
     status_code: Mapped[int]
     error: Mapped[str | None] = mapped_column(Text)
     prompt: Mapped[str | None] = mapped_column(Text)  # as redacted by policy before it gets here
@@ -46,7 +49,9 @@ class RequestRecord:
     key_id: int | None
     model: str | None
     model_version: str | None
-    endpoint: str
+    route: str
+    endpoint: str | None
+    deployment: str | None
     status_code: int
     error: str | None
     prompt: str | None
@@ -61,7 +66,7 @@ class RequestRecord:
 
 # The columns a request_log row is given (id is the database's), and those it cannot do without.
 REQUEST_FIELDS = tuple(c.name for c in RequestLogRow.__table__.columns if c.name != "id")
-REQUEST_REQUIRED = ("request_id", "endpoint", "status_code")
+REQUEST_REQUIRED = ("request_id", "route", "status_code")
 
 
 def request_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,10 +104,16 @@ class RequestLog:
             s.execute(insert(RequestLogRow), clean)
         return len(clean)
 
-    def list(self, limit: int = 100, since: datetime | None = None) -> list[RequestRecord]:
-        """Newest first; since: only requests that arrived at or after it."""
+    def list(self, limit: int = 100, since: datetime | None = None, until: datetime | None = None,
+             endpoint: str | None = None) -> list[RequestRecord]:
+        """Newest first; since/until: only requests that arrived in [since, until); endpoint: only those
+        an lmops endpoint served."""
         query = select(RequestLogRow).order_by(RequestLogRow.ts.desc(), RequestLogRow.id.desc()).limit(limit)
         if since is not None:
             query = query.where(RequestLogRow.ts >= since)
+        if until is not None:
+            query = query.where(RequestLogRow.ts < until)
+        if endpoint is not None:
+            query = query.where(RequestLogRow.endpoint == endpoint)
         with self._sessions.begin() as s:
             return [_record(r) for r in s.scalars(query)]

@@ -22,7 +22,7 @@ def store(tmp_path):
 
 
 def row(i: int, **extra) -> dict:
-    return {"request_id": f"r{i}", "endpoint": "/v1/completions", "status_code": 200, "prompt": "p",
+    return {"request_id": f"r{i}", "route": "/v1/completions", "status_code": 200, "prompt": "p",
             "completion": "c", **extra}
 
 
@@ -146,7 +146,7 @@ def test_wrong_columns_fail_in_the_caller(store):
         with pytest.raises(ValueError, match="request_log has no column user"):
             logger.log({**row(1), "user": "x"})
         with pytest.raises(ValueError, match="without request_id"):
-            logger.log({"endpoint": "/", "status_code": 200})
+            logger.log({"route": "/", "status_code": 200})
 
 
 # ---------------------------------------------------------------------------------------------- the journal
