@@ -438,6 +438,134 @@ class AuthConfig(Section):
     )
 
 
+class MetricCondition(Section):
+    """One analysis metric's conditions over `canary` and `stable` (lmops/deploy/expr.py)."""
+
+    success: str = Field(description="The step may pass on this metric when this holds.")
+    failure: str = Field(description="The analysis fails when this holds (checked before success).")
+    min_samples: int | None = Field(
+        None, ge=1,
+        description="Values needed on each side before the metric is judged; None: rollout.min_requests.",
+    )
+
+    @model_validator(mode="after")
+    def _parse(self) -> MetricCondition:
+        from lmops.deploy.expr import parse_condition
+
+        parse_condition(self.success)  # an ExpressionError is a ValueError: the key is named
+        parse_condition(self.failure)
+        return self
+
+
+def _default_metrics() -> dict[str, MetricCondition]:
+    return {
+        # Errors: at most one point worse passes; five points worse fails (a broken model is ~100%).
+        "error_rate": MetricCondition(success="canary <= stable + 0.01", failure="canary > stable + 0.05"),
+        # Latency on a shared 2-core CPU moves by tens of percent between windows: multiplicative margins
+        # plus an absolute slack, failing only at 3x + slack (a real regression, not scheduler noise).
+        "p95_ttft_s": MetricCondition(success="canary <= stable * 1.5 + 0.05", failure="canary > stable * 3 + 0.25"),
+        "p95_latency_s": MetricCondition(success="canary <= stable * 1.5 + 0.1", failure="canary > stable * 3 + 0.5"),
+        "moderation_rate": MetricCondition(success="canary <= stable + 0.02", failure="canary > stable * 2 + 0.1"),
+        # Quality, in nats per token. A model with random weights predicts prompts at about ln(vocab)
+        # (8.3 for 4096 tokens, 4+ for a char model) where a trained one is 1-3 lower: it fails; two
+        # trainings of one recipe differ by a few hundredths: they pass.
+        "prompt_nll": MetricCondition(success="canary <= stable + 0.1", failure="canary > stable + 0.5"),
+        "answer_nll": MetricCondition(success="canary <= stable * 1.1 + 0.1", failure="canary > stable * 1.25 + 0.5"),
+    }
+
+
+class SmokeConfig(Section):
+    """The smoke suite a blue-green rollout runs against the new deployment before switching."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The", "Hello", "In this section, we"],
+        description="Prompts sent to the new deployment (temperature 0, through x-lmops-deployment): a few "
+        "short generic ones, enough to show a model that loads, answers and stops, in a second or two.",
+    )
+    max_tokens: int = Field(16, ge=1, description="Tokens per smoke answer: enough to see generation work.")
+    max_latency_s: float = Field(
+        10.0, gt=0,
+        description="Longest a smoke request may take: generous for a small model on a busy CPU, yet a hung "
+        "or pathologically slow deployment fails.",
+    )
+
+
+class RolloutConfig(Section):
+    """Rollouts of a new deployment (canary or blue-green), gated by analysis (lmops rollout)."""
+
+    strategy: Literal["canary", "blue-green"] = Field(
+        "canary",
+        description="canary: traffic in steps, each judged by analysis; the safer default. blue-green: a "
+        "smoke test at 0%, then all traffic at once (undo switches back instantly).",
+    )
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50, 100],
+        description="Canary traffic shares, rising, ending at 100: 10% exposes few users to a bad model, "
+        "50% gives analysis enough requests on both sides, 100% completes (still analysed, against stable's "
+        "earlier windows).",
+    )
+    window_s: float = Field(
+        120.0, gt=0,
+        description="Seconds each step is held before analysis: 2 minutes collects min_requests even at a "
+        "few requests per second at 10%, and a broken canary is rolled back within one window.",
+    )
+    min_requests: int = Field(
+        20, ge=1,
+        description="Values a metric needs on each side before it can pass or fail (fewer: inconclusive): "
+        "below ~20 a p95 is the maximum and a rate moves by 5 points per request.",
+    )
+    inconclusive_limit: int = Field(
+        3, ge=1,
+        description="Consecutive inconclusive analyses of one step before the rollout pauses for a person: "
+        "three windows without a verdict means too little traffic or a grey-zone model.",
+    )
+    failure_limit: int = Field(
+        0, ge=0,
+        description="Failed analyses tolerated before aborting, as Argo's failureLimit: 0, any failure rolls "
+        "back, since the failure conditions are set well past noise.",
+    )
+    consecutive_error_limit: int = Field(
+        4, ge=0,
+        description="Errors in a row while measuring (store unreachable, smoke request failing to connect) "
+        "before aborting: Argo's default 4, so a blip does not roll back but a lasting outage does.",
+    )
+    metrics: dict[str, MetricCondition] = Field(
+        default_factory=_default_metrics,
+        description="Analysis metrics and their conditions over canary and stable (numbers, + - * /, "
+        "comparisons, and/or): relative to stable, so they hold for any model and machine; see "
+        "lmops/deploy/analysis.py. Remove a metric to stop judging it.",
+    )
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig, description="The blue-green smoke suite.")
+    tick_interval_s: float = Field(
+        1.0, gt=0,
+        description="Seconds between the driver's decisions: traffic returns to stable at most this long "
+        "after a window ends, at one cheap store query per rollout per second.",
+    )
+    lease_s: float = Field(
+        10.0, gt=0,
+        description="How long a driver's claim on a rollout lasts without renewal: a driving server that dies "
+        "is replaced by another within 10 s, far longer than a tick, so a slow tick never loses it.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        _check_steps(self.steps)
+        from lmops.deploy.analysis import METRICS
+
+        if unknown := sorted(set(self.metrics) - set(METRICS)):
+            raise ValueError(f"rollout.metrics: unknown metric {', '.join(unknown)} (known: {', '.join(METRICS)})")
+        if self.lease_s <= self.tick_interval_s:
+            raise ValueError("rollout.lease_s must be longer than rollout.tick_interval_s (a lease is renewed each tick)")
+        return self
+
+
+def _check_steps(steps: list[int]) -> list[int]:
+    if not steps or any(not 1 <= s <= 100 for s in steps) or any(a >= b for a, b in zip(steps, steps[1:])) \
+            or steps[-1] != 100:
+        raise ValueError(f"steps {steps}: rising percentages from 1 to 100, ending at 100 (e.g. 10,50,100)")
+    return steps
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -451,6 +579,7 @@ class Config(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -532,7 +661,8 @@ def render_default_yaml(values: Config | None = None) -> str:
         for key, f in model.model_fields.items():
             if f.description:
                 lines.append(f"  # {f.description}")
-            value = yaml.safe_dump({key: getattr(values, key)}, default_flow_style=True, width=1000)
+            value = yaml.safe_dump({key: values.model_dump(mode="json")[key]}, default_flow_style=True,
+                                   width=1000)
             lines.append("  " + value.strip()[1:-1])
         lines.append("")
     return "\n".join(lines)

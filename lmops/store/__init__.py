@@ -12,6 +12,7 @@ session outlives the method that opened it) and the operations on them:
     store.requests   the request log               (lmops/store/requests.py)
     store.endpoints  endpoints, deployments, traffic (lmops/store/endpoints.py)
     store.scores     scored live and shadow answers (lmops/store/scores.py)
+    store.rollouts   rollouts, their analyses and driver lease (lmops/store/rollouts.py)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lmops.store.db import (
 from lmops.store.keys import KEY_PREFIX, ROLES, ApiKey, ApiKeys
 from lmops.store.pipeline import LockHolder, PipelineRun, PipelineRuns, StepRun
 from lmops.store.requests import REQUEST_FIELDS, RequestLog, RequestRecord, request_row
+from lmops.store.rollouts import Rollout, Rollouts
 from lmops.store.scores import AnswerScore, AnswerScores
 from lmops.util import first_line
 
@@ -44,7 +46,7 @@ DB_FILE = "lmops.db"
 
 __all__ = [
     "DB_FILE", "GENESIS", "AnswerScore", "KEY_PREFIX", "MIGRATIONS", "REQUEST_FIELDS", "ROLES", "VERSION_TABLE", "ApiKey",
-    "AuditEntry", "AuditVerification", "Base", "DatasetRecord", "LockHolder", "PipelineRun", "RequestRecord",
+    "AuditEntry", "AuditVerification", "Base", "DatasetRecord", "LockHolder", "PipelineRun", "RequestRecord", "Rollout",
     "StepRun", "Store", "alembic_config", "audit_hash", "default_actor", "request_row", "utcnow",
 ]
 
@@ -61,6 +63,7 @@ class Store:
         self.requests = RequestLog(sessions)
         self.endpoints = Endpoints(sessions, self.audit)
         self.scores = AnswerScores(sessions)
+        self.rollouts = Rollouts(sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:
