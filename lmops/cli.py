@@ -662,6 +662,10 @@ next, in {ws.root}:
   mlflow ui --backend-store-uri sqlite:///.lmops/mlflow.db   runs, metrics, registry""")
 
 
+# endpoint, deploy, undeploy, traffic, rollout: lmops/cli_deploy.py adds them to app
+from lmops import cli_deploy  # noqa: E402, F401
+
+
 def main() -> None:
     app()
 

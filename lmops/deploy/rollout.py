@@ -216,7 +216,9 @@ def undo(store: Store, endpoint: str, actor: str, reason: str | None = None,
                        status="undone", message=f"undone by {actor}" + (f": {reason}" if reason else ""))
     ep = store.endpoints.get(endpoint)
     before = {d: w for d, w in r.previous_traffic.items() if w > 0}
-    if before and set(before) <= set(ep.deployments):
+    if before and before == {d: w for d, w in ep.traffic.items() if w > 0}:
+        traffic = ep.traffic  # as it was already (an aborted rollout put it back)
+    elif before and set(before) <= set(ep.deployments):
         traffic = store.endpoints.set_traffic(endpoint, actor, before, reason=f"undo of rollout {r.id}",
                                               action="rollout.undo").traffic
     else:

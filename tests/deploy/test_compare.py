@@ -1,0 +1,41 @@
+"""endpoint compare's summary, pure over score records."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from lmops.deploy.compare import mean_ci, parse_duration, summarise
+from lmops.errors import LmopsError
+
+
+def row(dep, rid, role="live", answer_nll=2.0, prompt_nll=1.0, agree=None, flagged=False, latency=0.1, error=None):
+    return SimpleNamespace(deployment=dep, request_id=rid, role=role, answer_nll=answer_nll, prompt_nll=prompt_nll,
+                           agree=agree, flagged=flagged, latency_s=latency, error=error)
+
+
+def test_pairs_agreement_and_paired_difference():
+    rows = [row("blue", f"r{i}", answer_nll=2.0 + i / 10) for i in range(10)]
+    rows += [row("green", f"r{i}", "shadow", answer_nll=2.5 + i / 10, agree=i < 3, flagged=i == 0) for i in range(10)]
+    blue, green = summarise(rows)
+    assert (blue.deployment, blue.live, blue.shadow, green.shadow) == ("blue", 10, 0, 10)
+    assert green.agreement == pytest.approx(0.3) and green.flag_rate == pytest.approx(0.1)
+    assert green.answer_nll_vs_live.mean == pytest.approx(0.5) and green.answer_nll_vs_live.n == 10
+    assert green.answer_nll_vs_live.high - green.answer_nll_vs_live.low == pytest.approx(0, abs=1e-9)  # same gap each
+    assert blue.answer_nll_vs_live is None and blue.agreement is None
+
+
+def test_t_interval():
+    ci = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert ci.mean == 2.5 and ci.low == pytest.approx(2.5 - 3.182446 * 1.290994 / 2, rel=1e-5)
+    assert mean_ci([]) is None and mean_ci([3.0]).low is None and str(mean_ci([3.0])) == "3.000"
+
+
+def test_durations():
+    assert parse_duration("90s") == timedelta(seconds=90) and parse_duration("2m") == timedelta(minutes=2)
+    assert parse_duration("1.5h") == timedelta(minutes=90) and parse_duration("30") == timedelta(seconds=30)
+    for bad in ("", "0s", "-1m", "1w", "soon"):
+        with pytest.raises(LmopsError, match="positive number with a unit"):
+            parse_duration(bad)
