@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from lmops.cli import app
-from lmops.deploy import rollout
 from lmops.deploy.rollout import Driver, SmokeResult
 from lmops.store import Store, utcnow
 
