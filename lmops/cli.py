@@ -605,16 +605,19 @@ def serve(
     set_: SetOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Address to listen on; default serve.host.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port; default serve.port.")] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", "-e", help="Serve this endpoint's deployments (lmops endpoint create / lmops deploy) by their traffic weights, following changes in the store and driving its rollouts; instead of --model.")] = None,
 ):
     """Serve a model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models).
 
     Bearer API keys (`lmops keys create`), per-key rate limits, moderation, Prometheus /metrics,
     a request log in the workspace store. Stop with Ctrl-C: in-flight streams finish first.
+    With --endpoint, a request may pick a deployment with the header x-lmops-deployment; every
+    answer names its deployment and model version (headers x-lmops-deployment, x-lmops-model-version).
     """
     from lmops.serve.app import serve as run_server
 
     ws, cfg = _workspace_and_config(workspace, set_)
-    run_server(ws, cfg, model, host or cfg.serve.host, port or cfg.serve.port)
+    run_server(ws, cfg, None if endpoint else model, host or cfg.serve.host, port or cfg.serve.port, endpoint)
 
 
 QUICKSTART = [

@@ -374,6 +374,11 @@ class ServeConfig(Section):
         description="When serving an alias (NAME@champion), seconds between checks of where it points; a "
         "promotion is served within this time, at one cheap registry query per check.",
     )
+    endpoint_poll_s: float = Field(
+        2.0, gt=0,
+        description="Serving an endpoint, seconds between reads of its revision in the store (one indexed "
+        "query): traffic, mirror and deployment changes reach every server within this time.",
+    )
     shutdown_timeout_s: float = Field(
         25.0, ge=0,
         description="On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cut: under "

@@ -59,6 +59,7 @@ from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs,
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
                                   error_from_validation, error_responses, key_share, max_prompts, request_models)
 from lmops.serve.prompts import Prompts
+from lmops.serve.router import DEFAULT, HEADER, VERSION_HEADER, Backend, Router, identity
 from lmops.serve.source import ModelSource, ServedModel, chat_messages
 from lmops.util import first_line
 
@@ -73,8 +74,8 @@ class EventStream(StreamingResponse):
     """Server-sent events whose generator is closed however the response ends, so its `finally`
     (which cancels the engine requests) runs at once when a client leaves, not at garbage collection."""
 
-    def __init__(self, events: AsyncIterator[str]):
-        super().__init__(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+    def __init__(self, events: AsyncIterator[str], headers: dict[str, str] | None = None):
+        super().__init__(events, media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -103,116 +104,207 @@ class Server:
     costs (benchmarks/serve_load.py); serving keeps them on.
     """
 
-    def __init__(self, cfg: Config, source: ModelSource, moderation: bool = True, metrics: bool = True):
+    def __init__(self, cfg: Config, source: ModelSource | None, moderation: bool = True, metrics: bool = True,
+                 endpoint: str | None = None, store=None, ws=None):
         self.cfg, self.sc, self.source = cfg, cfg.serve, source
+        self.ws, self.store = ws, store
         self.moderation_on, self.metrics_on = moderation, metrics
-        self.served: ServedModel | None = None
-        self.engine: Engine | None = None
-        self.load_error: str | None = None
+        self.router = Router(cfg, endpoint)
+        if endpoint is None:
+            self.router.backends[DEFAULT] = Backend(DEFAULT, source)
+        elif store is None:
+            raise ValueError("an endpoint's deployments live in a store: pass one")
         self.closing = False
         self.metrics = Metrics(self._stats)
         self.prompts = Prompts(cfg, self.metrics if metrics else None, moderation)
         self._tasks: list[asyncio.Task] = []
-        self._preloaded: tuple[ServedModel, Engine] | None = None
         self._held: dict[int, list[RequestHandle]] = {}  # key id -> its engine requests not known to be done
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------- life cycle
 
+    @property
+    def served(self) -> ServedModel | None:
+        """The model of the deployment taking the most traffic (the only one of `serve --model`)."""
+        b = self.router.primary
+        return None if b is None else b.served
+
+    @property
+    def engine(self) -> Engine | None:
+        b = self.router.primary
+        return None if b is None else b.engine
+
+    @property
+    def load_error(self) -> str | None:
+        """Why nothing can be served: set when no deployment is loaded and one failed to load."""
+        if self.router.ready:
+            return None
+        return next((b.load_error for b in self.router.backends.values() if b.load_error), None)
+
     async def start(self) -> None:
-        """Load the model in the background: /healthz answers at once, /readyz once it is loaded."""
-        self._tasks.append(asyncio.create_task(self._load()))
+        """Load the models in the background: /healthz answers at once, /readyz once one is loaded."""
+        for b in list(self.router.backends.values()):
+            b.tasks.append(asyncio.create_task(self._load(b)))
+        if self.router.endpoint is not None:
+            self._tasks.append(asyncio.create_task(self._follow_endpoint()))
 
     async def stop(self) -> None:
         """After uvicorn stopped accepting and gave in-flight requests serve.shutdown_timeout_s."""
         self.closing = True
-        for task in self._tasks:
+        for task in self._tasks + [t for b in self.router.backends.values() for t in b.tasks]:
             task.cancel()
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop, ENGINE_DRAIN_S)
+        engines = [b.engine for b in self.router.backends.values() if b.engine is not None]
+        await asyncio.gather(*(asyncio.to_thread(e.stop, ENGINE_DRAIN_S) for e in engines))
 
     def preload(self) -> None:
-        """Load the model and build its engine now, in the caller's thread: `serve` does, so that a model
+        """Load the models and build their engines now, in the caller's thread: `serve` does, so that a model
         that cannot be served fails the command (LmopsError) before the port is bound, not a probe later."""
-        try:
-            served = self.source.load()
-            engine = self._engine_for(served)
-        except Exception as err:
-            raise LmopsError(f"cannot serve {self.source.ref}: {first_line(err)}") from err
-        self._preloaded = served, engine
-
-    def _engine_for(self, served: ServedModel) -> Engine:
-        return Engine(served.model, max_batch=self.sc.max_batch, max_waiting=self.sc.max_waiting,
-                      runtime=self.sc.runtime)
-
-    async def _load(self) -> None:
-        if self._preloaded is not None:
-            (served, engine), self._preloaded = self._preloaded, None
-        else:
+        if self.router.endpoint is not None:
+            ep = self.store.endpoints.get(self.router.endpoint)
+            for d in ep.deployments.values():
+                self.router.backends[d.name] = Backend(d.name, self._source(d), d)
+            self.router.apply(ep)
+        for b in self.router.backends.values():
             try:
-                served = await asyncio.to_thread(self.source.load)
-                # building the runtime's session takes a moment: off the event loop too
-                engine = await asyncio.to_thread(self._engine_for, served)
-            except Exception as err:  # also serve.runtime onnxruntime for a model it cannot run
-                self.load_error = first_line(err)
-                log.error("could not load %s: %s", self.source.ref, err)
-                return
-        self.engine = engine.start()
-        self.served = served
-        log.info("serving %s v%s from %s on %s", served.name, served.version, self.source.ref, engine.runtime)
-        if self.source.movable:
-            self._tasks.append(asyncio.create_task(self._follow_alias()))
+                served = b.source.load()
+                b.engine = self._engine_for(served, b.deployment)
+                b.served = served
+            except Exception as err:
+                raise LmopsError(f"cannot serve {b.source.ref}: {first_line(err)}") from err
 
-    async def _follow_alias(self) -> None:
+    def _source(self, d) -> ModelSource:
+        return ModelSource(self.ws, self.cfg, d.model_uri)
+
+    def _engine_for(self, served: ServedModel, d=None) -> Engine:
+        max_batch = d.max_batch if d is not None and d.max_batch else self.sc.max_batch
+        runtime = d.runtime if d is not None and d.runtime else self.sc.runtime
+        return Engine(served.model, max_batch=max_batch, max_waiting=self.sc.max_waiting, runtime=runtime)
+
+    async def _load(self, b: Backend) -> None:
+        """Start b's engine (preloaded) or load b's model and engine off the loop, then start serving it."""
+        if b.engine is None:
+            try:
+                served = await asyncio.to_thread(b.source.load)
+                # building the runtime's session takes a moment: off the event loop too
+                engine = await asyncio.to_thread(self._engine_for, served, b.deployment)
+            except Exception as err:  # also serve.runtime onnxruntime for a model it cannot run
+                b.load_error = first_line(err)
+                log.error("could not load %s: %s", b.source.ref, err)
+                return
+            b.engine, served_now = engine, served
+        else:
+            served_now, b.served = b.served, None
+        b.engine.start()
+        b.served = served_now
+        log.info("serving %s v%s from %s on %s as deployment %s", b.served.name, b.served.version, b.source.ref,
+                 b.engine.runtime, b.name)
+        if b.deployment is None and b.source.movable:
+            b.tasks.append(asyncio.create_task(self._follow_alias(b)))
+
+    async def _follow_alias(self, b: Backend) -> None:
         """Every serve.reload_interval_s, ask where the alias points; when it moved, load that version
         and swap it in (engine.swap_model lets running requests finish on the old model)."""
         while True:
             await asyncio.sleep(self.sc.reload_interval_s)
             try:
-                version = await asyncio.to_thread(self.source.version)
-                if version == self.served.version:
+                version = await asyncio.to_thread(b.source.version)
+                if version == b.served.version:
                     continue
-                served = await asyncio.to_thread(self.source.load, version)
-                loaded = await asyncio.to_thread(self.engine.load_model, served.model)  # the slow part
+                served = await asyncio.to_thread(b.source.load, version)
+                loaded = await asyncio.to_thread(b.engine.load_model, served.model)  # the slow part
                 # swap and relabel in one go on the loop, so a request's fingerprint is the model it runs on
-                self.engine.swap_model(loaded)
-                self.served = served
+                b.engine.swap_model(loaded)
+                b.served = served
                 self.metrics.reloads.labels("ok").inc()
-                log.info("%s moved: now serving %s v%s", self.source.ref, served.name, version)
+                log.info("%s moved: now serving %s v%s", b.source.ref, served.name, version)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # keep serving what we have, try again next time
                 self.metrics.reloads.labels("failed").inc()
-                log.warning("could not follow %s: %s", self.source.ref, err)
+                log.warning("could not follow %s: %s", b.source.ref, err)
+
+    async def _follow_endpoint(self) -> None:
+        """Every serve.endpoint_poll_s, the endpoint's revision; when it changed, its deployments and traffic."""
+        name = self.router.endpoint
+        while True:
+            if self.router.revision is not None:  # not preloaded: read it at once
+                await asyncio.sleep(self.sc.endpoint_poll_s)
+            try:
+                revision = await asyncio.to_thread(self.store.endpoints.revision, name)
+                if revision is None or revision == self.router.revision:
+                    continue
+                ep = await asyncio.to_thread(self.store.endpoints.get, name)
+                await self._sync(ep)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # keep serving what we have, try again next time
+                log.warning("could not read endpoint %s: %s", name, err)
+                await asyncio.sleep(self.sc.endpoint_poll_s)
+
+    async def _sync(self, ep) -> None:
+        """Load what is new or changed (it joins once its engine runs), then take the new traffic, then
+        let what was removed or replaced drain and stop."""
+        router, leaving = self.router, []
+        for d in ep.deployments.values():
+            b = router.backends.get(d.name)
+            if b is not None and identity(b.deployment) == identity(d):
+                continue
+            fresh = Backend(d.name, self._source(d), d)
+            await self._load(fresh)
+            if fresh.served is None:  # could not load: keep what runs, try again at the next change
+                continue
+            if b is not None:
+                leaving.append(b)
+            router.backends[d.name] = fresh
+            log.info("endpoint %s: deployment %s is %s", ep.name, d.name, d.label)
+        for gone in set(router.backends) - set(ep.deployments):
+            leaving.append(router.backends.pop(gone))
+            log.info("endpoint %s: deployment %s removed", ep.name, gone)
+        router.apply(ep)
+        for b in leaving:  # requests already on it finish there; none new arrive
+            for task in b.tasks:
+                task.cancel()
+            if b.engine is not None:
+                self._tasks.append(asyncio.create_task(asyncio.to_thread(b.engine.stop, self.sc.shutdown_timeout_s)))
 
     def _stats(self) -> tuple[int, int]:
-        if self.engine is None:
-            return 0, 0
-        s = self.engine.stats()
-        return s.running, s.waiting
+        stats = [b.engine.stats() for b in self.router.loaded().values()]
+        return sum(s.running for s in stats), sum(s.waiting for s in stats)
 
     # ------------------------------------------------------------------------- checks
 
-    def ready(self) -> tuple[ServedModel, Engine]:
+    def ready(self, request: Request | None = None) -> tuple[ServedModel, Engine]:
+        """The deployment that answers this request (its header's, else one by traffic weight)."""
         if self.closing:
             raise APIError(503, "the server is shutting down; retry", "service_unavailable", code="shutting_down",
                            headers={"Retry-After": "1"})
-        if self.served is None:
-            why = "is still loading; retry shortly" if self.load_error is None else \
-                f"could not be loaded: {self.load_error}"
-            raise APIError(503, f"the model {why}", "service_unavailable", code="model_not_ready",
-                           headers={"Retry-After": "1"})
-        return self.served, self.engine
+        if request is None:
+            b = self.router.pick(None)
+        else:
+            row = request.scope.setdefault("lmops.row", {})
+            row["endpoint"] = self.router.endpoint  # also when no deployment can answer
+            b = self.router.pick(request.headers.get(HEADER))
+            row["deployment"] = b.name
+        return b.served, b.engine
+
+    def model_ids(self, served: ServedModel) -> tuple[str, ...]:
+        """The names a request's `model` may give: the endpoint's, or the model's (name, fingerprint, ref)."""
+        if self.router.endpoint is not None:
+            return self.router.endpoint, served.name, served.fingerprint
+        return served.name, served.fingerprint, self.source.ref
+
+    def public_name(self, served: ServedModel) -> str:
+        return self.router.endpoint or served.name
 
     def begin(self, body: SamplingFields, request: Request, key) -> tuple[ServedModel, Engine, dict]:
         """Checks common to both endpoints; the request-log row, started."""
-        row = request.scope.get("lmops.row", {})
+        row = request.scope.setdefault("lmops.row", {})
         row["key_id"] = getattr(key, "id", None)
-        served, engine = self.ready()
+        served, engine = self.ready(request)
         row.update(model=served.name, model_version=served.version)
-        if body.model not in (served.name, served.fingerprint, self.source.ref):
-            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{served.name}'",
-                           "not_found_error", param="model", code="model_not_found")
+        if body.model not in self.model_ids(served):
+            raise APIError(404, f"the model '{body.model}' does not exist; this server serves "
+                           f"'{self.public_name(served)}'", "not_found_error", param="model", code="model_not_found")
         return served, engine, row
 
     @property
@@ -316,7 +408,7 @@ class Server:
 
     def models(self) -> dict:
         served, _ = self.ready()
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": self.created,
+        return {"object": "list", "data": [{"id": self.public_name(served), "object": "model", "created": self.created,
                                             "owned_by": "lmops", "root": served.fingerprint,
                                             "max_model_len": served.model.cfg.block_size}]}  # as vLLM's
 
@@ -436,7 +528,9 @@ class Server:
         chunk, its pieces, its closing chunk with the finish_reason, one after another; the usage chunk
         when asked for; [DONE]). fmt gives what differs between the endpoints: the fields of a choice."""
         head = {"id": f"{id_prefix}-{row.get('request_id', uuid.uuid4().hex)}", "object": obj,
-                "created": int(time.time()), "model": served.name, "system_fingerprint": served.fingerprint}
+                "created": int(time.time()), "model": self.public_name(served),
+                "system_fingerprint": served.fingerprint}
+        headers = served_headers(row)
         prompt = row.get("prompt", "")
 
         def usage() -> dict:
@@ -449,8 +543,9 @@ class Server:
             finally:
                 self.finish(choices, row, prompt)
             _raise_engine_error(choices, row.get("request_id"))
-            return {**head, "choices": [{"index": i, **fmt.whole(i, c, pieces), "finish_reason": c.finish_reason}
-                                        for i, (c, pieces) in enumerate(zip(choices, outs))], "usage": usage()}
+            return JSONResponse({**head, "usage": usage(), "choices": [
+                {"index": i, **fmt.whole(i, c, pieces), "finish_reason": c.finish_reason}
+                for i, (c, pieces) in enumerate(zip(choices, outs))]}, headers=headers)
 
         head["object"] = f"{obj}.chunk" if obj == "chat.completion" else obj
         with_usage = {"usage": None} if body.stream_options and body.stream_options.include_usage else {}
@@ -482,21 +577,24 @@ class Server:
                 if not finished:
                     self.finish(choices, row, prompt)
 
-        return EventStream(events())
+        return EventStream(events(), headers)
 
 
 # ----------------------------------------------------------------------------- the app
 
-def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = True, moderation: bool = True,
-               request_log: bool = True, metrics: bool = True, journal_dir: Path | None = None) -> FastAPI:
-    """The server for source's model. store (lmops.store.Store) holds the API keys and the request log.
+def create_app(cfg: Config, source: ModelSource | None, store=None, *, auth: bool = True, moderation: bool = True,
+               request_log: bool = True, metrics: bool = True, journal_dir: Path | None = None,
+               endpoint: str | None = None, ws=None) -> FastAPI:
+    """The server for source's model, or (source None) for the deployments of `endpoint` in the store (ws:
+    the workspace whose registry they come from). store (lmops.store.Store) holds the API keys, the
+    request log and the endpoints.
     journal_dir: the request log's write-ahead journal (lmops.serve.requestlog), replayed into the store
     here; a response then completes only once its row is on disk. The switches turn layers off to
     measure what they cost (benchmarks/serve_load.py); with auth off every route is open, whatever
     auth.enabled says."""
     if (auth or request_log) and store is None:
         raise ValueError("API keys and the request log live in a store: pass one, or auth=False and request_log=False")
-    server = Server(cfg, source, moderation=moderation, metrics=metrics)
+    server = Server(cfg, source, moderation=moderation, metrics=metrics, endpoint=endpoint, store=store, ws=ws)
     logger = None
     if request_log:
         from lmops.serve.requestlog import RequestLogger
@@ -526,9 +624,10 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
 
     def respond(request: Request, err: APIError) -> JSONResponse:
         count(err)
-        if (row := request.scope.get("lmops.row")) is not None:
+        row = request.scope.get("lmops.row")
+        if row is not None:
             row.setdefault("error", err.message)  # an engine error keeps its details in the log
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return JSONResponse(err.body(), status_code=err.status, headers={**(err.headers or {}), **served_headers(row)})
 
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
         return respond(request, exc)
@@ -572,11 +671,17 @@ def create_app(cfg: Config, source: ModelSource, store=None, *, auth: bool = Tru
     @app.get("/readyz", include_in_schema=False)
     async def readyz():
         """Ready for requests: the model is loaded and the server is not shutting down."""
-        if server.served is None or server.closing:
+        if not server.router.ready or server.closing:
             status = "closing" if server.closing else "failed" if server.load_error else "loading"
             return JSONResponse({"status": status, "error": server.load_error}, status_code=503)
-        return {"status": "ready", "model": server.served.name, "version": server.served.version,
-                "runtime": server.engine.runtime}
+        out = {"status": "ready", "model": server.served.name, "version": server.served.version,
+               "runtime": server.engine.runtime}
+        if server.router.endpoint is not None:
+            out["endpoint"] = server.router.endpoint
+            out["deployments"] = {n: {"version": b.served.version if b.served else None,
+                                      "traffic": server.router.traffic.get(n, 0), "loaded": b.served is not None}
+                                  for n, b in sorted(server.router.backends.items())}
+        return out
 
     @app.get("/metrics", dependencies=[] if cfg.serve.metrics_public else [deployer], include_in_schema=False)
     async def metrics_endpoint():
@@ -636,6 +741,13 @@ async def _all_pieces(c: Choice) -> list[Piece]:
     return [p async for p in c.pieces()]
 
 
+def served_headers(row: dict | None) -> dict[str, str]:
+    """Which deployment and model version answered: on every response a deployment produced."""
+    if not row or not row.get("deployment"):
+        return {}
+    return {HEADER: row["deployment"], VERSION_HEADER: str(row.get("model_version") or "")}
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -666,11 +778,14 @@ def _raise_engine_error(choices: list[Choice], request_id: str | None) -> None:
 
 # ----------------------------------------------------------------------------- serve
 
-def serve(ws, cfg: Config, model_ref: str, host: str, port: int) -> None:
-    """Serve model_ref on host:port until SIGTERM or SIGINT, then drain and exit (blocking).
+def serve(ws, cfg: Config, model_ref: str | None, host: str, port: int, endpoint: str | None = None) -> None:
+    """Serve model_ref (or every deployment of `endpoint`) on host:port until SIGTERM or SIGINT, then drain
+    and exit (blocking).
 
     model_ref: NAME@alias, NAME@version, a version, or a local checkpoint or Hugging Face folder. An alias
-    is followed: when it moves, the new version is swapped in without dropping a request.
+    is followed: when it moves, the new version is swapped in without dropping a request. endpoint: its
+    deployments, traffic and mirror are followed in the store, and this server drives its rollouts
+    (lmops/deploy/rollout.py; one driver per rollout however many servers run).
     """
     import uvicorn
 
@@ -681,13 +796,47 @@ def serve(ws, cfg: Config, model_ref: str, host: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise LmopsError(f"port {port}: a TCP port is between 1 and 65535")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    source = ModelSource(ws, cfg, model_ref)  # a wrong reference fails here, before the port is bound
+    # a wrong reference fails here, before the port is bound
+    source = None if endpoint else ModelSource(ws, cfg, model_ref)
     store = Store.for_workspace(ws, cfg)
+    driver = None
     try:
         # one journal per port: two servers of one workspace must not replay (and delete) each other's
-        app = create_app(cfg, source, store, journal_dir=ws.state / "request-journal" / str(port))
+        app = create_app(cfg, source, store, journal_dir=ws.state / "request-journal" / str(port),
+                         endpoint=endpoint, ws=ws)
         app.state.server.preload()  # so does a model that cannot be loaded or run
+        if endpoint is not None:
+            from lmops.deploy.rollout import Driver
+
+            own = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            driver = Driver(store, cfg, ws=ws, endpoint=endpoint, smoke=_smoke(store, cfg, f"http://{own}:{port}"),
+                            name=f"serve@{os.uname().nodename}:{port}").start()
         uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s,
                     log_level="info", access_log=False)
     finally:
+        if driver is not None:
+            driver.stop(timeout=10)
         store.close()
+
+
+def _smoke(store, cfg: Config, base_url: str):
+    """The blue-green smoke suite against this server, through the deployment header. With auth on, it
+    runs under an inference key of its own, created for the run and revoked after (both audited)."""
+    from lmops.serve.smoke import run_smoke
+
+    def smoke(endpoint, deployment: str):
+        key = None
+        headers = {}
+        if cfg.auth.enabled:
+            key, secret = store.keys.create(f"rollout smoke test of {endpoint.name}/{deployment}", "inference",
+                                            "lmops-rollout")
+            headers = {"Authorization": f"Bearer {secret}"}
+        try:
+            sc = cfg.rollout.smoke
+            return run_smoke(base_url, deployment, sc.prompts, headers, sc.max_latency_s, sc.max_tokens,
+                             model=endpoint.name)
+        finally:
+            if key is not None:
+                store.keys.revoke(key.id, "lmops-rollout")
+
+    return smoke

@@ -1,0 +1,250 @@
+"""Serving an endpoint for real: a live uvicorn server, real HTTP clients, the store the CLI writes.
+
+Two deployments of the tiny table model (different seeds, so their logits differ) behind one endpoint;
+traffic moves through the store as `lmops traffic set` moves it, and the server follows within
+serve.endpoint_poll_s. The rollout tests run the real Driver in the test process against the live
+server's request log.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from lmops.deploy.models import resolve_deployment
+from lmops.serve.app import create_app
+from lmops.serve.router import HEADER, VERSION_HEADER
+from tests.serve.conftest import LiveServer, save_model, table_model
+
+POLL = "serve.endpoint_poll_s=0.2"
+LIMITS = ("auth.rate_limit_per_s=10000", "auth.burst=10000")  # these tests send fast on purpose
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tok):
+    out = {}
+    for name, seed in (("blue", 0), ("green", 1)):
+        folder = tmp_path_factory.mktemp(name) / name
+        save_model(folder, table_model(tok, seed=seed), tok)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture()
+def endpoint(env, folders, request):
+    """A fresh endpoint with blue (all traffic) and green (0%), and a server of it."""
+    name = f"ep-{request.node.name[5:25].replace('_', '-').rstrip('-')}"
+    store = env.store
+    store.endpoints.create(name, "tests")
+    for d in ("blue", "green"):
+        store.endpoints.deploy(resolve_deployment(env.ws, env.config(), name, d, str(folders[d])), "tests")
+    return name
+
+
+def serve_endpoint(env, name: str, *sets: str) -> LiveServer:
+    cfg = env.config(POLL, *LIMITS, *sets)
+    live = LiveServer(create_app(cfg, None, env.store, endpoint=name, ws=env.ws))
+    env.servers.append(live)
+    return live
+
+
+def complete(live, key, model, headers=None, **body):
+    r = httpx.post(f"{live.url}/v1/completions", headers={**bearer(key), **(headers or {})},
+                   json={"model": model, "prompt": "the quick", "max_tokens": 2, **body}, timeout=60)
+    return r
+
+
+def wait_for(predicate, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_routing_follows_the_weights_and_the_header_reaches_a_deployment_at_zero(env, endpoint):
+    from scipy.stats import binomtest
+
+    env.store.endpoints.set_traffic(endpoint, "tests", {"blue": 70, "green": 30})
+    live = serve_endpoint(env, endpoint)
+    key = env.keys["inference"]
+    served = [complete(live, key, endpoint) for _ in range(200)]
+    assert [r.status_code for r in served] == [200] * 200, [r.text for r in served if r.status_code != 200][:2]
+    green = sum(r.headers[HEADER] == "green" for r in served)
+    assert {r.headers[HEADER] for r in served} == {"blue", "green"}
+    assert binomtest(green, 200, 0.30).pvalue > 1e-3, green  # fails about once in a thousand runs of a fair router
+    by_version = {r.headers[HEADER]: r.headers[VERSION_HEADER] for r in served}
+    ep = env.store.endpoints.get(endpoint)
+    assert by_version == {d: ep.deployments[d].model_version for d in ("blue", "green")}
+    body = served[0].json()
+    assert body["model"] == endpoint and body["system_fingerprint"].endswith(by_version[served[0].headers[HEADER]])
+
+    env.store.endpoints.set_traffic(endpoint, "tests", {"blue": 100})
+    time.sleep(0.6)  # three polls
+    assert {complete(live, key, endpoint).headers[HEADER] for _ in range(20)} == {"blue"}
+    smoke = complete(live, key, endpoint, headers={HEADER: "green"})
+    assert smoke.status_code == 200 and smoke.headers[HEADER] == "green"
+    missing = complete(live, key, endpoint, headers={HEADER: "red"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "deployment_not_found"
+    assert "blue, green" in missing.json()["error"]["message"]
+    wrong = complete(live, key, "other-model")
+    assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+
+    live.app.state.request_logger.flush(10)
+    wait_for(lambda: len(env.store.requests.list(1000, endpoint=endpoint)) >= 223, what="the request log rows")
+    rows = env.store.requests.list(1000, endpoint=endpoint)
+    assert {(r.deployment, r.model_version) for r in rows if r.status_code == 200} == set(by_version.items())
+    assert all(r.route == "/v1/completions" for r in rows)
+
+
+def test_a_swap_under_32_streaming_clients_fails_nothing_and_each_stream_has_one_deployment(env, endpoint):
+    live = serve_endpoint(env, endpoint)
+    key = env.keys["inference"]
+    for b in live.server.router.backends.values():  # long enough streams that the swap lands inside them
+        fast = b.engine._forward
+        b.engine._forward = (lambda f: lambda idx, cache: (time.sleep(0.003), f(idx, cache))[1])(fast)
+    swapped = threading.Event()
+
+    def stream(i: int) -> tuple[str, set[str], int]:
+        with httpx.stream("POST", f"{live.url}/v1/completions", headers=bearer(key), timeout=120,
+                          json={"model": endpoint, "prompt": "the quick", "max_tokens": 48, "stream": True,
+                                "temperature": 0}) as r:
+            assert r.status_code == 200, r.read()
+            fingerprints, chunks = set(), 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    import json
+
+                    fingerprints.add(json.loads(line[6:])["system_fingerprint"])
+                    chunks += 1
+            return r.headers[HEADER], fingerprints, chunks
+
+    with ThreadPoolExecutor(32) as pool:
+        first = [pool.submit(stream, i) for i in range(32)]
+        time.sleep(0.3)
+        env.store.endpoints.set_traffic(endpoint, "tests", {"green": 100}, reason="swap under load")
+        swapped.set()
+        time.sleep(0.6)
+        second = [pool.submit(stream, i) for i in range(32)]
+        results = [f.result() for f in first + second]
+    for deployment, fingerprints, chunks in results:
+        version = env.store.endpoints.get(endpoint).deployments[deployment].model_version
+        assert fingerprints == {f"{deployment}-v{version}"}, (deployment, fingerprints)
+        assert chunks >= 2
+    assert {d for d, _, _ in results[:32]} == {"blue"}  # all started before the swap
+    assert {d for d, _, _ in results[32:]} == {"green"}
+
+
+def test_a_deployment_removed_lets_its_stream_finish_and_one_added_joins(env, endpoint, folders):
+    live = serve_endpoint(env, endpoint)
+    key = env.keys["inference"]
+    green = live.server.router.backends["green"].engine
+    fast = green._forward
+    green._forward = lambda idx, cache: (time.sleep(0.01), fast(idx, cache))[1]
+    out = {}
+
+    def stream():
+        with httpx.stream("POST", f"{live.url}/v1/completions", headers={**bearer(key), HEADER: "green"},
+                          json={"model": endpoint, "prompt": "the quick", "max_tokens": 60, "stream": True,
+                                "stream_options": {"include_usage": True}}, timeout=120) as r:
+            out["lines"] = [line for line in r.iter_lines() if line.startswith("data:")]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.2)
+    env.store.endpoints.undeploy(endpoint, "green", "tests")
+    red = resolve_deployment(env.ws, env.config(), endpoint, "red", str(folders["green"]))
+    env.store.endpoints.deploy(red, "tests")
+    t.join(60)
+    import json
+
+    assert out["lines"][-1] == "data: [DONE]"
+    closing = [json.loads(line[6:]) for line in out["lines"][:-1]][-2]
+    # the whole answer, from the deployment being removed: it ended at its length, not cancelled
+    assert closing["choices"][0]["finish_reason"] == "length", closing
+    assert json.loads(out["lines"][-2][6:])["usage"]["completion_tokens"] >= 50
+    wait_for(lambda: "red" in live.server.router.loaded(), what="red to load")
+    assert "green" not in live.server.router.backends
+    r = complete(live, key, endpoint, headers={HEADER: "red"})
+    assert r.status_code == 200 and r.headers[VERSION_HEADER] == red.model_version
+
+
+def _canary_cfg(env):
+    return env.config(POLL, *LIMITS, "rollout.window_s=1.5", "rollout.tick_interval_s=0.2", "rollout.lease_s=2",
+                      "rollout.min_requests=8")
+
+
+def _traffic(live, key, endpoint, stop: threading.Event):
+    codes = []
+    while not stop.is_set():
+        codes.append(complete(live, key, endpoint).status_code)
+    return codes
+
+
+def test_a_broken_canary_is_rolled_back_by_itself_and_the_audit_names_the_metric(env, endpoint):
+    from lmops.deploy import rollout
+
+    cfg = _canary_cfg(env)
+    live = serve_endpoint(env, endpoint, "rollout.window_s=1.5")
+    green = live.server.router.backends["green"].engine
+
+    def broken(idx, cache):
+        raise RuntimeError("a broken model")
+
+    green._forward = broken
+    key = env.keys["inference"]
+    driver = rollout.Driver(env.store, cfg, endpoint=endpoint).start()
+    stop = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        sent = [pool.submit(_traffic, live, key, endpoint, stop) for _ in range(2)]
+        try:
+            started = time.monotonic()
+            r = rollout.start(env.store, cfg, endpoint, "green", "tests", strategy="canary", steps=[50, 100])
+            wait_for(lambda: env.store.rollouts.get(r.id).status == "aborted", timeout=30, what="the rollback")
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            driver.stop(timeout=10)
+        codes = [c for f in sent for c in f.result()]
+    assert 500 in codes  # the canary did fail requests...
+    ep = env.store.endpoints.get(endpoint)
+    assert ep.traffic == {"blue": 100, "green": 0}  # ...and the traffic is back on stable
+    aborted = env.store.audit.list(20, subject=f"endpoint:{endpoint}", action="rollout.aborted")
+    assert aborted and "error_rate" in str(aborted[0].details), aborted
+    # one analysis window after the canary got traffic, plus the ticks around it
+    assert took < 1.5 + 2 * 0.2 + 3.0, took
+    time.sleep(0.6)
+    assert {complete(live, key, endpoint).headers[HEADER] for _ in range(10)} == {"blue"}
+
+
+def test_a_good_canary_is_promoted_step_by_step(env, endpoint):
+    from lmops.deploy import rollout
+
+    cfg = _canary_cfg(env)
+    live = serve_endpoint(env, endpoint)
+    key = env.keys["inference"]
+    driver = rollout.Driver(env.store, cfg, endpoint=endpoint).start()
+    stop = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        sent = [pool.submit(_traffic, live, key, endpoint, stop) for _ in range(2)]
+        try:
+            r = rollout.start(env.store, cfg, endpoint, "green", "tests", strategy="canary", steps=[50, 100])
+            wait_for(lambda: env.store.rollouts.get(r.id).status in ("succeeded", "aborted", "paused"), timeout=60,
+                     what="the rollout to end")
+        finally:
+            stop.set()
+            driver.stop(timeout=10)
+        codes = [c for f in sent for c in f.result()]
+    done = env.store.rollouts.get(r.id)
+    assert done.status == "succeeded", done
+    assert set(codes) == {200}
+    assert env.store.endpoints.get(endpoint).traffic == {"blue": 0, "green": 100}
