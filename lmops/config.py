@@ -374,6 +374,11 @@ class ServeConfig(Section):
         description="When serving an alias (NAME@champion), seconds between checks of where it points; a "
         "promotion is served within this time, at one cheap registry query per check.",
     )
+    shadow_queue: int = Field(
+        16, ge=1,
+        description="Serving an endpoint, answers waiting to be scored or mirrored (lmops/serve/shadow.py); "
+        "past this the newest is dropped and counted, so a shadow that falls behind never delays live answers.",
+    )
     endpoint_poll_s: float = Field(
         2.0, gt=0,
         description="Serving an endpoint, seconds between reads of its revision in the store (one indexed "
@@ -475,7 +480,11 @@ def _default_metrics() -> dict[str, MetricCondition]:
         # (8.3 for 4096 tokens, 4+ for a char model) where a trained one is 1-3 lower: it fails; two
         # trainings of one recipe differ by a few hundredths: they pass.
         "prompt_nll": MetricCondition(success="canary <= stable + 0.1", failure="canary > stable + 0.5"),
-        "answer_nll": MetricCondition(success="canary <= stable * 1.1 + 0.1", failure="canary > stable * 1.25 + 0.5"),
+        # The answers' NLL under the stable model favours the stable model's own answers: a different model as
+        # good as it scored 1.9-2.0 against stable's 0.3-0.8 in tests/serve/test_endpoints.py. So it only
+        # catches garbage (a random model's answers score near ln(vocab) or worse under a trained judge);
+        # shadow pairs (lmops endpoint compare) are the fair comparison, on the same prompts.
+        "answer_nll": MetricCondition(success="canary <= stable * 2 + 1.5", failure="canary > stable * 2 + 3"),
     }
 
 

@@ -59,8 +59,10 @@ from lmops.serve.output import (Choice, Detokenizer, Done, Piece, chat_logprobs,
 from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_from_http,
                                   error_from_validation, error_responses, key_share, max_prompts, request_models)
 from lmops.serve.prompts import Prompts
+from lmops.serve.shadow import Job, Shadow
 from lmops.serve.router import DEFAULT, HEADER, VERSION_HEADER, Backend, Router, identity
 from lmops.serve.source import ModelSource, ServedModel, chat_messages
+from lmops.store import utcnow
 from lmops.util import first_line
 
 log = logging.getLogger("lmops.serve")
@@ -116,6 +118,7 @@ class Server:
             raise ValueError("an endpoint's deployments live in a store: pass one")
         self.closing = False
         self.metrics = Metrics(self._stats)
+        self.shadow = Shadow(self.router, store, cfg, self.metrics if metrics else None) if endpoint else None
         self.prompts = Prompts(cfg, self.metrics if metrics else None, moderation)
         self._tasks: list[asyncio.Task] = []
         self._held: dict[int, list[RequestHandle]] = {}  # key id -> its engine requests not known to be done
@@ -147,10 +150,13 @@ class Server:
             b.tasks.append(asyncio.create_task(self._load(b)))
         if self.router.endpoint is not None:
             self._tasks.append(asyncio.create_task(self._follow_endpoint()))
+            self.shadow.start()
 
     async def stop(self) -> None:
         """After uvicorn stopped accepting and gave in-flight requests serve.shutdown_timeout_s."""
         self.closing = True
+        if self.shadow is not None:
+            self.shadow.stop()
         for task in self._tasks + [t for b in self.router.backends.values() for t in b.tasks]:
             task.cancel()
         engines = [b.engine for b in self.router.backends.values() if b.engine is not None]
@@ -388,6 +394,24 @@ class Server:
                    queue_s=_min_delta(hs, "started_at"), ttft_s=_min_delta(hs, "first_token_at"))
         if errors := [c.handle.error for c in choices if c.finish_reason == "error"]:
             row["error"] = f"engine: {errors[0]}"
+        if self.shadow is not None and self.shadow.comparing:
+            self.to_shadow(choices, row)
+
+    def to_shadow(self, choices: list[Choice], row: dict) -> None:
+        """Queue each finished answer for scoring, and for its mirrors (lmops/serve/shadow.py)."""
+        live = self.router.backends.get(row.get("deployment"))
+        if live is None or live.served is None:
+            return
+        for c in choices:
+            h = c.handle
+            if not isinstance(h, RequestHandle) or c.finish_reason in ("error", "cancelled"):
+                continue
+            self.shadow.offer(Job(row.get("ts") or utcnow(), row.get("request_id", ""), live, list(h.prompt_ids),
+                                  c.detok.ids[len(h.prompt_ids):], h.params, c.finish_reason,
+                                  bool(c.moderation is not None and c.moderation.hits),
+                                  None if h.first_token_at is None else h.first_token_at - h.queued_at,
+                                  None if h.finished_at is None else h.finished_at - h.queued_at,
+                                  self.router.mirror_targets(live.name)))
 
     async def collect(self, choices: list[Choice], request: Request) -> list[list[Piece]]:
         """Every choice's pieces; a client that leaves meanwhile cancels its engine requests."""

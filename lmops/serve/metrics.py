@@ -43,6 +43,8 @@ class Metrics:
                               registry=r)
         self.moderation = Counter("lmops:moderation", "Moderation rules that found something.",
                                   ["rule", "action", "direction"], registry=r)
+        self.shadow = Counter("lmops:shadow_jobs", "Answers queued for shadow scoring, by outcome (scored, dropped "
+                              "when the queue was full, failed).", ["outcome"], registry=r)
         self.reloads = Counter("lmops:model_reloads", "Swaps to the version a followed alias moved to.",
                                ["result"], registry=r)
 

@@ -106,6 +106,15 @@ class Router:
         names = sorted(weights)
         return self.backends[self._random.choices(names, [weights[n] for n in names])[0]]
 
+    def mirror_targets(self, live: str) -> tuple[Backend, ...]:
+        """The loaded deployments this request is copied to, each drawn with its mirror percent."""
+        out = []
+        for d, pct in sorted(self.mirror.items()):
+            b = self.backends.get(d)
+            if d != live and b is not None and b.served is not None and self._random.random() * 100 < pct:
+                out.append(b)
+        return tuple(out)
+
     def apply(self, ep: Endpoint) -> None:
         self.traffic, self.mirror, self.revision = dict(ep.traffic), dict(ep.mirror), ep.revision
 

@@ -112,9 +112,8 @@ def test_a_swap_under_32_streaming_clients_fails_nothing_and_each_stream_has_one
     for b in live.server.router.backends.values():  # long enough streams that the swap lands inside them
         fast = b.engine._forward
         b.engine._forward = (lambda f: lambda idx, cache: (time.sleep(0.003), f(idx, cache))[1])(fast)
-    swapped = threading.Event()
 
-    def stream(i: int) -> tuple[str, set[str], int]:
+    def stream(i: int) -> tuple[str, set[str], int, float]:
         with httpx.stream("POST", f"{live.url}/v1/completions", headers=bearer(key), timeout=120,
                           json={"model": endpoint, "prompt": "the quick", "max_tokens": 48, "stream": True,
                                 "temperature": 0}) as r:
@@ -126,22 +125,22 @@ def test_a_swap_under_32_streaming_clients_fails_nothing_and_each_stream_has_one
 
                     fingerprints.add(json.loads(line[6:])["system_fingerprint"])
                     chunks += 1
-            return r.headers[HEADER], fingerprints, chunks
+            return r.headers[HEADER], fingerprints, chunks, time.monotonic()
 
     with ThreadPoolExecutor(32) as pool:
         first = [pool.submit(stream, i) for i in range(32)]
         time.sleep(0.3)
         env.store.endpoints.set_traffic(endpoint, "tests", {"green": 100}, reason="swap under load")
-        swapped.set()
-        time.sleep(0.6)
+        wait_for(lambda: live.server.router.traffic.get("green") == 100, what="the swap to reach the server")
+        swapped_at = time.monotonic()
         second = [pool.submit(stream, i) for i in range(32)]
         results = [f.result() for f in first + second]
-    for deployment, fingerprints, chunks in results:
+    for deployment, fingerprints, chunks, _ in results:
         version = env.store.endpoints.get(endpoint).deployments[deployment].model_version
         assert fingerprints == {f"{deployment}-v{version}"}, (deployment, fingerprints)
         assert chunks >= 2
-    assert {d for d, _, _ in results[:32]} == {"blue"}  # all started before the swap
-    assert {d for d, _, _ in results[32:]} == {"green"}
+    assert any(d == "blue" and ended > swapped_at for d, _, _, ended in results[:32])  # in flight at the swap
+    assert {d for d, _, _, _ in results[32:]} == {"green"}
 
 
 def test_a_deployment_removed_lets_its_stream_finish_and_one_added_joins(env, endpoint, folders):
@@ -154,7 +153,7 @@ def test_a_deployment_removed_lets_its_stream_finish_and_one_added_joins(env, en
 
     def stream():
         with httpx.stream("POST", f"{live.url}/v1/completions", headers={**bearer(key), HEADER: "green"},
-                          json={"model": endpoint, "prompt": "the quick", "max_tokens": 60, "stream": True,
+                          json={"model": endpoint, "prompt": "the quick", "max_tokens": 60, "stream": True, "temperature": 0,
                                 "stream_options": {"include_usage": True}}, timeout=120) as r:
             out["lines"] = [line for line in r.iter_lines() if line.startswith("data:")]
 
@@ -245,6 +244,54 @@ def test_a_good_canary_is_promoted_step_by_step(env, endpoint):
             driver.stop(timeout=10)
         codes = [c for f in sent for c in f.result()]
     done = env.store.rollouts.get(r.id)
-    assert done.status == "succeeded", done
+    assert done.status == "succeeded", (done.message, done.analyses[-1] if getattr(done, "analyses", None) else done)
     assert set(codes) == {200}
     assert env.store.endpoints.get(endpoint).traffic == {"blue": 0, "green": 100}
+
+
+def test_mirrored_requests_are_scored_in_pairs_and_never_change_the_answer(env, endpoint):
+    live = serve_endpoint(env, endpoint)
+    key = env.keys["inference"]
+    greedy = {"temperature": 0, "max_tokens": 8}
+    before = [complete(live, key, endpoint, **greedy).json()["choices"][0]["text"] for _ in range(5)]
+    env.store.endpoints.set_traffic(endpoint, "tests", mirror={"green": 50}, reason="shadow green")
+    wait_for(lambda: live.server.router.mirror == {"green": 50}, what="the mirror to reach the server")
+    answers = [complete(live, key, endpoint, **greedy) for _ in range(40)]
+    assert {r.headers[HEADER] for r in answers} == {"blue"}  # the shadow never answers a client
+    assert {r.json()["choices"][0]["text"] for r in answers} == set(before)  # nor changes what it gets
+    wait_for(lambda: live.server.shadow.queue.empty() and live.server.shadow.counts["scored"] >= 45, timeout=30,
+             what="the shadow worker")
+    rows = env.store.scores.list(endpoint)
+    live_rows = [r for r in rows if r.role == "live"]
+    shadow_rows = [r for r in rows if r.role == "shadow"]
+    # every answer is scored once the endpoint has two deployments: the 5 before the mirror too
+    assert len(live_rows) == 45 and {r.deployment for r in live_rows} == {"blue"}
+    assert 5 <= len(shadow_rows) <= 35, len(shadow_rows)  # about half of 40 (binomial: outside is < 1e-4)
+    assert {r.deployment for r in shadow_rows} == {"green"}
+    assert {r.request_id for r in shadow_rows} <= {r.request_id for r in live_rows}  # pairs share the request id
+    for r in rows:
+        assert r.prompt_nll is not None and r.prompt_nll > 0 and r.answer_nll is not None and r.reference == "blue"
+        assert r.completion_tokens == 8 and r.finish_reason == "length"
+    # greedy: the shadow's tokens are compared with the live ones; seeds 0 and 1 weigh the table alike
+    assert all(r.agree is not None for r in shadow_rows) and all(r.agree is None for r in live_rows)
+    pairs = {r.request_id: r for r in live_rows}
+    assert any(abs(pairs[r.request_id].prompt_nll - r.prompt_nll) > 1e-6 for r in shadow_rows)  # two models
+
+
+def test_a_shadow_that_falls_behind_is_dropped_and_counted_never_waited_for(env, endpoint):
+    live = serve_endpoint(env, endpoint, "serve.shadow_queue=1")
+    key = env.keys["inference"]
+    green = live.server.router.backends["green"].engine
+    fast = green._forward
+    green._forward = lambda idx, cache: (time.sleep(0.2), fast(idx, cache))[1]  # a shadow far slower than live
+    env.store.endpoints.set_traffic(endpoint, "tests", mirror={"green": 50})
+    wait_for(lambda: live.server.router.mirror == {"green": 50}, what="the mirror to reach the server")
+    started = time.monotonic()
+    answers = [complete(live, key, endpoint, max_tokens=8) for _ in range(20)]
+    took = time.monotonic() - started
+    assert all(r.status_code == 200 for r in answers)
+    assert live.server.shadow.counts["dropped"] >= 5, live.server.shadow.counts
+    # each mirrored job would hold 8 x 0.2 s of the shadow's time: waiting for them would take > 8 s
+    assert took < 8, took
+    metrics = httpx.get(f"{live.url}/metrics", headers=bearer(env.keys["deployer"])).text
+    assert 'lmops:shadow_jobs_total{outcome="dropped"}' in metrics
