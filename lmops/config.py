@@ -480,11 +480,12 @@ def _default_metrics() -> dict[str, MetricCondition]:
         # (8.3 for 4096 tokens, 4+ for a char model) where a trained one is 1-3 lower: it fails; two
         # trainings of one recipe differ by a few hundredths: they pass.
         "prompt_nll": MetricCondition(success="canary <= stable + 0.1", failure="canary > stable + 0.5"),
-        # The answers' NLL under the stable model favours the stable model's own answers: a different model as
-        # good as it scored 1.9-2.0 against stable's 0.3-0.8 in tests/serve/test_endpoints.py. So it only
-        # catches garbage (a random model's answers score near ln(vocab) or worse under a trained judge);
-        # shadow pairs (lmops endpoint compare) are the fair comparison, on the same prompts.
-        "answer_nll": MetricCondition(success="canary <= stable * 2 + 1.5", failure="canary > stable * 2 + 3"),
+        # The answers' NLL under the stable model favours the stable model's own answers, and a short window
+        # is noisy: measured on the test models (tests/serve/conftest.py), a judge scored its own sampled
+        # answers 1.05, an equally good model's 1.31, a random model's 6.19 (and 0.3-1.0 vs 1.9-2.9 over
+        # windows of 2-28 two-token answers on the live server). So: pass within 2x + 1, fail past 2x + 2.5,
+        # which fails random weights; shadow pairs (lmops endpoint compare) compare on the same prompts.
+        "answer_nll": MetricCondition(success="canary <= stable * 2 + 1", failure="canary > stable * 2 + 2.5"),
     }
 
 

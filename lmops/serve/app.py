@@ -848,17 +848,17 @@ def _smoke(store, cfg: Config, base_url: str):
     runs under an inference key of its own, created for the run and revoked after (both audited)."""
     from lmops.serve.smoke import run_smoke
 
-    def smoke(endpoint, deployment: str):
+    def smoke(endpoint: str, deployment: str):
         key = None
         headers = {}
         if cfg.auth.enabled:
-            key, secret = store.keys.create(f"rollout smoke test of {endpoint.name}/{deployment}", "inference",
+            key, secret = store.keys.create(f"rollout smoke test of {endpoint}/{deployment}", "inference",
                                             "lmops-rollout")
             headers = {"Authorization": f"Bearer {secret}"}
         try:
             sc = cfg.rollout.smoke
             return run_smoke(base_url, deployment, sc.prompts, headers, sc.max_latency_s, sc.max_tokens,
-                             model=endpoint.name)
+                             model=endpoint)
         finally:
             if key is not None:
                 store.keys.revoke(key.id, "lmops-rollout")

@@ -53,8 +53,10 @@ def test_too_few_requests_is_inconclusive_even_when_broken():
 
 
 def test_random_weights_fail_on_quality_against_a_trained_model():
-    """prompt_nll near ln(vocab) (a char model: ln 80 = 4.4) against a trained model's 2.0."""
-    result = run([req("green")] * 30, [req("blue")] * 30, [score("green", 4.4, 6.0)] * 25, [score("blue")] * 25)
+    """prompt_nll near ln(vocab) (a char model: ln 80 = 4.4) against a trained model's 2.0; answers judged by
+    the stable model as measured on the test models: a random model's 6.19 against the judge's own 1.05."""
+    result = run([req("green")] * 30, [req("blue")] * 30, [score("green", 4.4, 6.19)] * 25,
+                 [score("blue", 2.0, 1.05)] * 25)
     assert result.outcome == FAILED
     assert {m.metric for m in result.failed_metrics} == {"prompt_nll", "answer_nll"}
 

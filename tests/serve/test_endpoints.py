@@ -18,7 +18,7 @@ import pytest
 from lmops.deploy.models import resolve_deployment
 from lmops.serve.app import create_app
 from lmops.serve.router import HEADER, VERSION_HEADER
-from tests.serve.conftest import LiveServer, save_model, table_model
+from .conftest import LiveServer, save_model, table_model
 
 POLL = "serve.endpoint_poll_s=0.2"
 LIMITS = ("auth.rate_limit_per_s=10000", "auth.burst=10000")  # these tests send fast on purpose
