@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny workspace on a slice of the demo corpus (no download, seconds to train)."""
 
+import uuid
+
 import pytest
 
 from lmops.config import override
 from lmops.data.demo import demo_corpus
+from lmops.store import Store
 from lmops.workspace import init_workspace
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 TINY = [
     "tokenizer.kind=char", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=32",
@@ -58,3 +63,34 @@ def run_killed_after(args: list[str], cwd, delay: float | None) -> float:
         return time.perf_counter() - start
     finally:
         proc.stdout.close()
+
+
+# ----------------------------------------------------------------------------- a store on each database
+
+def _pg_admin():
+    psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[dev]')")
+    try:
+        return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2, autocommit=True)
+    except psycopg.Error as err:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 as postgres/test ({str(err).splitlines()[0]})")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'lmops.db'}"
+        return
+    admin = _pg_admin()
+    schema = f"lmops_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+@pytest.fixture
+def store(url):
+    with Store.open(url) as s:
+        yield s

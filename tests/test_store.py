@@ -7,7 +7,6 @@ and concurrent audit appends are tested with real second processes.
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -19,8 +18,6 @@ from lmops.config import parse_config
 from lmops.errors import LmopsError
 from lmops.store import GENESIS, MIGRATIONS, VERSION_TABLE, Base, Store, alembic_config, audit_hash, default_actor
 from lmops.workspace import init_workspace
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 HOLD_LOCK = """
 import sys
@@ -42,35 +39,6 @@ for i in range(20):
     store.audit.append(sys.argv[2], "test.append", f"item-{i}", {"i": i, "writer": sys.argv[2]})
 store.close()
 """
-
-
-def _pg_admin():
-    psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[dev]')")
-    try:
-        return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2, autocommit=True)
-    except psycopg.Error as err:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 as postgres/test ({str(err).splitlines()[0]})")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lmops.db'}"
-        return
-    admin = _pg_admin()
-    schema = f"lmops_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{PG}?options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.close()
-
-
-@pytest.fixture
-def store(url):
-    with Store.open(url) as s:
-        yield s
 
 
 def _python(code: str, *args: str) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""Fixtures for the deployment tests: a store on SQLite and on PostgreSQL (as tests/test_store.py), an
+"""Fixtures for the deployment tests: `store` on SQLite and on PostgreSQL (tests/conftest.py), an
 endpoint with a stable deployment `blue` and a new one `green`, and request-log / score rows made up
 for a window of time."""
 
@@ -13,37 +13,7 @@ from lmops.config import Config
 from lmops.deploy.endpoints import Deployment
 from lmops.store import Store
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-
-
-def _pg_admin():
-    psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[dev]')")
-    try:
-        return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2, autocommit=True)
-    except psycopg.Error as err:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432 as postgres/test ({str(err).splitlines()[0]})")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lmops.db'}"
-        return
-    admin = _pg_admin()
-    schema = f"lmops_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{PG}?options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.close()
-
-
-@pytest.fixture
-def store(url):
-    with Store.open(url) as s:
-        yield s
 
 
 @pytest.fixture
