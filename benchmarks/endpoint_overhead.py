@@ -24,15 +24,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+import serve_load  # noqa: E402
 from serve_load import HOST, build, load  # noqa: E402
 
 CLIENTS = 8
@@ -75,29 +74,12 @@ def endpoints(folder: Path) -> None:
         store.endpoints.set_traffic("mirror", "bench", mirror={"green": 20})
 
 
-class Server:
+class Server(serve_load.Server):
     def __init__(self, folder: Path, mode: str):
-        import socket
-
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://{HOST}:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), str(self.port), mode])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"the {mode} server did not start")
-            time.sleep(0.1)
+        self.start([__file__, "--serve", str(folder), "{port}", mode])
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+        self.__exit__()
 
 
 def main() -> None:

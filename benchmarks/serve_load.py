@@ -105,14 +105,17 @@ class Server:
     """A server process; stopped (SIGTERM) on exit."""
 
     def __init__(self, folder: Path, max_batch: int, features: bool, runtime: str = "auto"):
+        self.start([__file__, "--serve", str(folder), "{port}", str(max_batch), "1" if features else "0", runtime])
+
+    def start(self, argv: list[str]) -> None:
+        """Run `python argv` ({port} replaced by a free port) and wait until /readyz answers 200."""
         import socket
 
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), str(self.port), str(max_batch),
-                                      "1" if features else "0", runtime])
+        self.proc = subprocess.Popen([sys.executable, *(a.replace("{port}", str(self.port)) for a in argv)])
         deadline = time.monotonic() + 120
         while True:
             try:
