@@ -464,12 +464,16 @@ class Driver:
     smoke: runs the blue-green smoke suite (lmops/serve/smoke.py, bound to the server's own URL);
     promote: completes a rollout in the registry (default: registry_promoter(ws, cfg) when ws is given);
     endpoint: drive only this endpoint's rollouts (None: all); name: this driver in leases and the audit
-    log (default host:pid:random); clock: returns the time (tests pass a fake one)."""
+    log (default host:pid:random); clock: returns the time (tests pass a fake one); changed: called after
+    a tick that changed a rollout (a server driving its own endpoint re-reads the traffic at once instead
+    of at its next poll, so a rollback takes effect there within the tick)."""
 
     def __init__(self, store: Store, cfg: Config, *, smoke: Smoke | None = None, promote: Promote | None = None,
                  ws=None, endpoint: str | None = None, name: str | None = None,
-                 clock: Callable[[], datetime] = utcnow, measure: Measure = measure_store):
+                 clock: Callable[[], datetime] = utcnow, measure: Measure = measure_store,
+                 changed: Callable[[], None] | None = None):
         self.store, self.cfg, self.smoke, self.endpoint, self.clock, self.measure = store, cfg, smoke, endpoint, clock, measure
+        self.changed = changed
         self.name = name or f"rollout-driver@{driver_name()}"
         self.promote = promote if promote is not None or ws is None else registry_promoter(ws, cfg, self.name)
         self._stop = threading.Event()
@@ -487,12 +491,14 @@ class Driver:
                 self._held.discard(r.id)
                 continue
             self._held.add(r.id)
-            r = self.store.rollouts.get(r.id)
+            r = before = self.store.rollouts.get(r.id)
             try:
                 r = tick(self.store, self.cfg, r, now, driver=self.name, smoke=self.smoke, promote=self.promote,
                          measure=self.measure)
             except Exception:  # noqa: BLE001 - the loop must outlive any one rollout's trouble
                 logger.exception("rollout %s of %s: tick failed", r.id, r.endpoint)
+            if r != before and self.changed is not None:
+                self.changed()
             if not r.active:
                 self._held.discard(r.id)
             out.append(r)

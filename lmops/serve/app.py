@@ -60,10 +60,9 @@ from lmops.serve.protocol import (APIError, ChatCompletionRequest, CompletionReq
                                   error_from_validation, error_responses, key_share, max_prompts, request_models)
 from lmops.serve.prompts import Prompts
 from lmops.serve.shadow import Job, Shadow
-from lmops.serve.router import DEFAULT, HEADER, VERSION_HEADER, Backend, Router, identity
+from lmops.serve.router import HEADER, VERSION_HEADER, Router
 from lmops.serve.source import ModelSource, ServedModel, chat_messages
 from lmops.store import utcnow
-from lmops.util import first_line
 
 log = logging.getLogger("lmops.serve")
 
@@ -111,16 +110,13 @@ class Server:
         self.cfg, self.sc, self.source = cfg, cfg.serve, source
         self.ws, self.store = ws, store
         self.moderation_on, self.metrics_on = moderation, metrics
-        self.router = Router(cfg, endpoint)
-        if endpoint is None:
-            self.router.backends[DEFAULT] = Backend(DEFAULT, source)
-        elif store is None:
+        if endpoint is not None and store is None:
             raise ValueError("an endpoint's deployments live in a store: pass one")
+        self.router = Router(cfg, endpoint, source=source, store=store, ws=ws)
         self.closing = False
-        self.metrics = Metrics(self._stats)
+        self.metrics = self.router.metrics = Metrics(self.router.stats)
         self.shadow = Shadow(self.router, store, cfg, self.metrics if metrics else None) if endpoint else None
         self.prompts = Prompts(cfg, self.metrics if metrics else None, moderation)
-        self._tasks: list[asyncio.Task] = []
         self._held: dict[int, list[RequestHandle]] = {}  # key id -> its engine requests not known to be done
         self.created = int(time.time())
 
@@ -145,11 +141,10 @@ class Server:
         return next((b.load_error for b in self.router.backends.values() if b.load_error), None)
 
     async def start(self) -> None:
-        """Load the models in the background: /healthz answers at once, /readyz once one is loaded."""
-        for b in list(self.router.backends.values()):
-            b.tasks.append(asyncio.create_task(self._load(b)))
-        if self.router.endpoint is not None:
-            self._tasks.append(asyncio.create_task(self._follow_endpoint()))
+        """Load the models in the background (/healthz answers at once, /readyz once one is loaded), follow
+        the alias or the endpoint, score shadow traffic."""
+        await self.router.start()
+        if self.shadow is not None:
             self.shadow.start()
 
     async def stop(self) -> None:
@@ -157,125 +152,7 @@ class Server:
         self.closing = True
         if self.shadow is not None:
             self.shadow.stop()
-        for task in self._tasks + [t for b in self.router.backends.values() for t in b.tasks]:
-            task.cancel()
-        engines = [b.engine for b in self.router.backends.values() if b.engine is not None]
-        await asyncio.gather(*(asyncio.to_thread(e.stop, ENGINE_DRAIN_S) for e in engines))
-
-    def preload(self) -> None:
-        """Load the models and build their engines now, in the caller's thread: `serve` does, so that a model
-        that cannot be served fails the command (LmopsError) before the port is bound, not a probe later."""
-        if self.router.endpoint is not None:
-            ep = self.store.endpoints.get(self.router.endpoint)
-            for d in ep.deployments.values():
-                self.router.backends[d.name] = Backend(d.name, self._source(d), d)
-            self.router.apply(ep)
-        for b in self.router.backends.values():
-            try:
-                served = b.source.load()
-                b.engine = self._engine_for(served, b.deployment)
-                b.served = served
-            except Exception as err:
-                raise LmopsError(f"cannot serve {b.source.ref}: {first_line(err)}") from err
-
-    def _source(self, d) -> ModelSource:
-        return ModelSource(self.ws, self.cfg, d.model_uri)
-
-    def _engine_for(self, served: ServedModel, d=None) -> Engine:
-        max_batch = d.max_batch if d is not None and d.max_batch else self.sc.max_batch
-        runtime = d.runtime if d is not None and d.runtime else self.sc.runtime
-        return Engine(served.model, max_batch=max_batch, max_waiting=self.sc.max_waiting, runtime=runtime)
-
-    async def _load(self, b: Backend) -> None:
-        """Start b's engine (preloaded) or load b's model and engine off the loop, then start serving it."""
-        if b.engine is None:
-            try:
-                served = await asyncio.to_thread(b.source.load)
-                # building the runtime's session takes a moment: off the event loop too
-                engine = await asyncio.to_thread(self._engine_for, served, b.deployment)
-            except Exception as err:  # also serve.runtime onnxruntime for a model it cannot run
-                b.load_error = first_line(err)
-                log.error("could not load %s: %s", b.source.ref, err)
-                return
-            b.engine, served_now = engine, served
-        else:
-            served_now, b.served = b.served, None
-        b.engine.start()
-        b.served = served_now
-        log.info("serving %s v%s from %s on %s as deployment %s", b.served.name, b.served.version, b.source.ref,
-                 b.engine.runtime, b.name)
-        if b.deployment is None and b.source.movable:
-            b.tasks.append(asyncio.create_task(self._follow_alias(b)))
-
-    async def _follow_alias(self, b: Backend) -> None:
-        """Every serve.reload_interval_s, ask where the alias points; when it moved, load that version
-        and swap it in (engine.swap_model lets running requests finish on the old model)."""
-        while True:
-            await asyncio.sleep(self.sc.reload_interval_s)
-            try:
-                version = await asyncio.to_thread(b.source.version)
-                if version == b.served.version:
-                    continue
-                served = await asyncio.to_thread(b.source.load, version)
-                loaded = await asyncio.to_thread(b.engine.load_model, served.model)  # the slow part
-                # swap and relabel in one go on the loop, so a request's fingerprint is the model it runs on
-                b.engine.swap_model(loaded)
-                b.served = served
-                self.metrics.reloads.labels("ok").inc()
-                log.info("%s moved: now serving %s v%s", b.source.ref, served.name, version)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # keep serving what we have, try again next time
-                self.metrics.reloads.labels("failed").inc()
-                log.warning("could not follow %s: %s", b.source.ref, err)
-
-    async def _follow_endpoint(self) -> None:
-        """Every serve.endpoint_poll_s, the endpoint's revision; when it changed, its deployments and traffic."""
-        name = self.router.endpoint
-        while True:
-            if self.router.revision is not None:  # not preloaded: read it at once
-                await asyncio.sleep(self.sc.endpoint_poll_s)
-            try:
-                revision = await asyncio.to_thread(self.store.endpoints.revision, name)
-                if revision is None or revision == self.router.revision:
-                    continue
-                ep = await asyncio.to_thread(self.store.endpoints.get, name)
-                await self._sync(ep)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # keep serving what we have, try again next time
-                log.warning("could not read endpoint %s: %s", name, err)
-                await asyncio.sleep(self.sc.endpoint_poll_s)
-
-    async def _sync(self, ep) -> None:
-        """Load what is new or changed (it joins once its engine runs), then take the new traffic, then
-        let what was removed or replaced drain and stop."""
-        router, leaving = self.router, []
-        for d in ep.deployments.values():
-            b = router.backends.get(d.name)
-            if b is not None and identity(b.deployment) == identity(d):
-                continue
-            fresh = Backend(d.name, self._source(d), d)
-            await self._load(fresh)
-            if fresh.served is None:  # could not load: keep what runs, try again at the next change
-                continue
-            if b is not None:
-                leaving.append(b)
-            router.backends[d.name] = fresh
-            log.info("endpoint %s: deployment %s is %s", ep.name, d.name, d.label)
-        for gone in set(router.backends) - set(ep.deployments):
-            leaving.append(router.backends.pop(gone))
-            log.info("endpoint %s: deployment %s removed", ep.name, gone)
-        router.apply(ep)
-        for b in leaving:  # requests already on it finish there; none new arrive
-            for task in b.tasks:
-                task.cancel()
-            if b.engine is not None:
-                self._tasks.append(asyncio.create_task(asyncio.to_thread(b.engine.stop, self.sc.shutdown_timeout_s)))
-
-    def _stats(self) -> tuple[int, int]:
-        stats = [b.engine.stats() for b in self.router.loaded().values()]
-        return sum(s.running for s in stats), sum(s.waiting for s in stats)
+        await self.router.stop(ENGINE_DRAIN_S)
 
     # ------------------------------------------------------------------------- checks
 
@@ -828,13 +705,13 @@ def serve(ws, cfg: Config, model_ref: str | None, host: str, port: int, endpoint
         # one journal per port: two servers of one workspace must not replay (and delete) each other's
         app = create_app(cfg, source, store, journal_dir=ws.state / "request-journal" / str(port),
                          endpoint=endpoint, ws=ws)
-        app.state.server.preload()  # so does a model that cannot be loaded or run
+        app.state.server.router.preload()  # so does a model that cannot be loaded or run
         if endpoint is not None:
             from lmops.deploy.rollout import Driver
 
             own = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
             driver = Driver(store, cfg, ws=ws, endpoint=endpoint, smoke=_smoke(store, cfg, f"http://{own}:{port}"),
-                            name=f"serve@{os.uname().nodename}:{port}").start()
+                            name=f"serve@{os.uname().nodename}:{port}", changed=app.state.server.router.wake).start()
         uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s,
                     log_level="info", access_log=False)
     finally:

@@ -45,6 +45,8 @@ class Metrics:
                                   ["rule", "action", "direction"], registry=r)
         self.shadow = Counter("lmops:shadow_jobs", "Answers queued for shadow scoring, by outcome (scored, dropped "
                               "when the queue was full, failed).", ["outcome"], registry=r)
+        self.shadow_pending = Gauge("lmops:shadow_jobs_pending", "Answers queued for shadow scoring or being "
+                                    "scored now.", registry=r)
         self.reloads = Counter("lmops:model_reloads", "Swaps to the version a followed alias moved to.",
                                ["result"], registry=r)
 

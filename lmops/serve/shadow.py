@@ -4,7 +4,10 @@ shadow answers are scored by the models themselves, into the store's answer_scor
 A live answer, once sent, becomes a job when the endpoint has more than one deployment (there is something
 to compare it with: a canary, a mirror, the old deployment kept for undo). Jobs wait in a bounded queue; when the worker
 falls behind, a job is dropped and counted (lmops:shadow_jobs{outcome="dropped"}), never waited for, so
-the live answer is never delayed by its shadow. The worker, per job:
+the live answer is never delayed by its shadow. Nor slowed beyond noise: the shadow's forwards share the
+cores with the live ones, so while live requests run the worker takes at most serve.shadow_busy_share of
+the time (after a job of t seconds it waits t * (1 - share) / share, or until no live request runs). The
+worker, per job:
 
 - for each deployment the router mirrors this request to: the same prompt ids and sampling parameters on
   its engine (tokens only when both deployments share a tokenizer; else the job is not mirrored);
@@ -58,6 +61,15 @@ class Shadow:
         self.task: asyncio.Task | None = None
         self.counts = {"scored": 0, "dropped": 0, "failed": 0}
         self._vocabs: dict[int, str] = {}
+        self._busy = 0  # the job being scored now
+        self._next_at = 0.0  # monotonic time before which no job starts while live requests run
+        if metrics is not None:
+            metrics.shadow_pending.set_function(lambda: self.pending)
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or being scored: the shadow work this server still has to do."""
+        return self.queue.qsize() + self._busy
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._work())
@@ -96,14 +108,33 @@ class Shadow:
     async def _work(self) -> None:
         while True:
             job = await self.queue.get()
+            self._busy = 1
             try:
+                await self._turn()
+                started, busy = time.monotonic(), self.live_busy()
                 await self._score(job)
                 self._count("scored")
+                share = self.cfg.serve.shadow_busy_share
+                if (busy or self.live_busy()) and share > 0:  # it ran beside live requests: its time is owed
+                    spent = time.monotonic() - started
+                    self._next_at = time.monotonic() + spent * (1 - share) / share
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - one bad job must not end the worker
                 self._count("failed")
                 log.warning("shadow: request %s: %s", job.request_id, err)
+            finally:
+                self._busy = 0
+
+    def live_busy(self) -> bool:
+        """Whether a live request is running or waiting on any engine (between jobs the worker has none)."""
+        return any(s.running or s.waiting for s in (b.engine.stats() for b in self.router.loaded().values()))
+
+    async def _turn(self) -> None:
+        """Wait until shadow work may run: no live request runs, or its share of the busy time is free."""
+        share = self.cfg.serve.shadow_busy_share
+        while self.live_busy() and (share == 0 or time.monotonic() < self._next_at):
+            await asyncio.sleep(0.01)
 
     async def _score(self, job: Job) -> None:
         stable = self.router.weights()
@@ -132,8 +163,10 @@ class Shadow:
 
     async def _row(self, job: Job, b: Backend, role: str, prompt: list[int], answer: list[int], ref: Backend,
                    ref_ok: bool, finish_reason, flagged, ttft_s, latency_s, agree, error=None) -> dict:
-        own = await asyncio.to_thread(b.engine.score, prompt)
         judged = await asyncio.to_thread(ref.engine.score, prompt + answer) if answer and ref_ok else None
+        # a causal model's prompt log-probabilities are the same with the answer after it: one forward
+        own = judged[:len(prompt)] if judged is not None and ref is b else \
+            await asyncio.to_thread(b.engine.score, prompt)
         return {"ts": job.ts, "request_id": job.request_id, "endpoint": self.router.endpoint, "deployment": b.name,
                 "role": role, "model_version": b.served.version, "reference": ref.name if judged else None,
                 "prompt_tokens": len(prompt), "completion_tokens": len(answer), "prompt_nll": mean_nll(own, 1),

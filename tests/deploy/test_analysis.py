@@ -61,6 +61,18 @@ def test_random_weights_fail_on_quality_against_a_trained_model():
     assert {m.metric for m in result.failed_metrics} == {"prompt_nll", "answer_nll"}
 
 
+def test_answer_nll_tells_garbage_from_a_model_with_no_grey_zone():
+    """The stable judge favours its own answers: an equally good model's score well above the stable's own
+    (measured: 1.33 against 0.2-1.0) passes; a random model's (6.19 against 1.05) fails."""
+    for stable_own, canary in ((0.2, 1.33), (0.5, 2.9), (1.05, 1.31)):
+        result = run([req("green")] * 30, [req("blue")] * 30, [score("green", 2.0, canary)] * 25,
+                     [score("blue", 2.0, stable_own)] * 25)
+        assert result.outcome == SUCCESSFUL, (stable_own, canary, result)
+    garbage = run([req("green")] * 30, [req("blue")] * 30, [score("green", 2.0, 6.19)] * 25,
+                  [score("blue", 2.0, 1.05)] * 25)
+    assert [m.metric for m in garbage.failed_metrics] == ["answer_nll"]
+
+
 def test_latency_noise_passes_a_real_regression_fails():
     assert run([req("green", latency=0.3, ttft=0.07)] * 30, [req("blue")] * 30).outcome == SUCCESSFUL  # +50%: noise
     slow = run([req("green", latency=2.0)] * 30, [req("blue")] * 30)

@@ -295,3 +295,37 @@ def test_a_shadow_that_falls_behind_is_dropped_and_counted_never_waited_for(env,
     assert took < 8, took
     metrics = httpx.get(f"{live.url}/metrics", headers=bearer(env.keys["deployer"])).text
     assert 'lmops:shadow_jobs_total{outcome="dropped"}' in metrics
+
+
+def test_shadow_work_waits_while_live_requests_run_when_its_share_is_zero(env, endpoint):
+    """serve.shadow_busy_share=0: no shadow job starts while a live request runs; they run in the idle time
+    after (the budget's other side, a share of the busy time, is measured in benchmarks/endpoint_overhead.py)."""
+    live = serve_endpoint(env, endpoint, "serve.shadow_busy_share=0", "serve.shadow_queue=64")
+    shadow, key = live.server.shadow, env.keys["inference"]
+    starts: list[bool] = []
+    score = shadow._score
+
+    async def recorded(job):
+        starts.append(shadow.live_busy())
+        await score(job)
+
+    shadow._score = recorded
+    env.store.endpoints.set_traffic(endpoint, "tests", mirror={"green": 50})
+    wait_for(lambda: live.server.router.mirror == {"green": 50}, what="the mirror to reach the server")
+    stop = threading.Event()
+
+    def busy_client():
+        codes = []
+        while not stop.is_set():
+            codes.append(complete(live, key, endpoint, max_tokens=48).status_code)
+        return codes
+
+    with ThreadPoolExecutor(4) as pool:
+        sent = [pool.submit(busy_client) for _ in range(4)]
+        time.sleep(3)
+        stop.set()
+        codes = [c for f in sent for c in f.result()]
+    assert set(codes) == {200} and len(codes) >= 8
+    wait_for(lambda: shadow.pending == 0 and len(starts) >= len(codes) - shadow.counts["dropped"], timeout=30,
+             what="the shadow to catch up once idle")
+    assert not any(starts), f"{sum(starts)} of {len(starts)} shadow jobs started while live requests ran"
