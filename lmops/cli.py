@@ -667,6 +667,8 @@ next, in {ws.root}:
 
 # endpoint, deploy, undeploy, traffic, rollout: lmops/cli_deploy.py adds them to app
 from lmops import cli_deploy  # noqa: E402, F401
+# ci generate: lmops/cli_ci.py; k8s export, azure export: lmops/cli_export.py
+from lmops import cli_ci, cli_export  # noqa: E402, F401
 
 
 def main() -> None:
