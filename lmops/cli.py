@@ -606,6 +606,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on; default serve.host.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port; default serve.port.")] = None,
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", "-e", help="Serve this endpoint's deployments (lmops endpoint create / lmops deploy) by their traffic weights, following changes in the store and driving its rollouts; instead of --model.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="Serve a model bundle (`lmops package`) after checking every file against its manifest; instead of --model.")] = None,
 ):
     """Serve a model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -617,7 +618,34 @@ def serve(
     from lmops.serve.app import serve as run_server
 
     ws, cfg = _workspace_and_config(workspace, set_)
+    if bundle is not None:
+        from lmops.ship.bundle import verify_bundle
+
+        if endpoint:
+            raise LmopsError("--bundle and --endpoint: give one (an endpoint's deployments may be bundles: "
+                             "`lmops deploy NAME --model BUNDLE_DIR`)")
+        verify_bundle(bundle)
+        model = str(bundle.resolve())
     run_server(ws, cfg, None if endpoint else model, host or cfg.serve.host, port or cfg.serve.port, endpoint)
+
+
+@app.command()
+@friendly
+def package(
+    model: Annotated[str, typer.Argument(help="What to package: NAME@alias, NAME@version, a version, a checkpoint or run folder, or a Hugging Face Llama folder.")],
+    out: Annotated[Path, typer.Argument(help="The bundle's folder (new or empty).")],
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace what OUT holds.")] = False,
+):
+    """Write a model bundle: weights, tokenizer, bundle.json (name, version, lineage), model card,
+    requirements.lock and a sha256 manifest that `lmops serve --bundle` checks before loading."""
+    from lmops.ship.bundle import write_bundle
+
+    ws, cfg = _workspace_and_config(workspace, set_)
+    meta = write_bundle(ws, cfg, model, out, force=force)
+    log(f"bundle of {meta['name']} v{meta['version']} in {out}\n  serve it: lmops serve --bundle {out}  "
+        f"(check it: cd {out} && sha256sum -c MANIFEST.sha256)")
 
 
 QUICKSTART = [

@@ -449,6 +449,14 @@ class AuthConfig(Section):
         description="Requests a key may make at once (the bucket's size): two seconds' worth at the "
         "sustained rate, so a client that fans out a batch of prompts is not refused.",
     )
+    rate_limit_url: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB: keep the rate limits' token buckets in Redis, shared by every "
+        "server replica, so one key's limit holds across them (several replicas behind a load balancer "
+        "would otherwise each grant it the full rate). Unset: each process keeps its own, no server needed. "
+        "If Redis cannot be reached, the server falls back to its own buckets and logs it (a limiter outage "
+        "must not stop inference). Needs the redis extra (pip install 'lmops[redis]').",
+    )
     key_cache_ttl_s: float = Field(
         5.0, ge=0,
         description="Seconds a verified key is trusted before the store is asked again: one database "

@@ -195,7 +195,7 @@ class Server:
         """Engine requests one API key may have running or waiting at once (protocol.key_share)."""
         return key_share(self.sc.max_batch, self.sc.max_waiting)
 
-    def admit(self, request: Request, key, count: int) -> None:
+    async def admit(self, request: Request, key, count: int) -> None:
         """A request of `count` engine requests (one per prompt): each counts against the key's rate limit
         (the auth dependency took one); 400 when it could never fit the key's share of the queue or its
         burst, 429 when the rate limit refuses it now. The share itself is checked at submission."""
@@ -211,7 +211,7 @@ class Server:
                 raise APIError(400, f"prompt: {count} prompts in one request, over this key's burst of "
                                f"{auth.cfg.burst} (auth.burst): each prompt counts as a request", param="prompt",
                                code="too_many_prompts")
-            ok, retry_after_s = auth.bucket(key.id).try_acquire(count - 1)
+            ok, retry_after_s = await auth.acquire(key, count - 1)
             if not ok:
                 seconds = max(1, math.ceil(retry_after_s))
                 raise APIError(429, f"Rate limit reached for API key {key.prefix}: {count} prompts count as "
@@ -324,7 +324,7 @@ class Server:
         else:
             raise APIError(400, "prompt: give a string, a list of token ids, or a list of strings or of token-id "
                            "lists (not an empty list, nor ids mixed with those)", param="prompt", code="invalid_value")
-        self.admit(request, key, len(batch) * body.n)
+        await self.admit(request, key, len(batch) * body.n)
         size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in batch)
         prompts = await self.prompts.off_loop(size, lambda: [self.prompts.encode(served, p, row) for p in batch])
         row["prompt"] = "\n".join(text for text, _ in prompts)
@@ -365,7 +365,7 @@ class Server:
                                      else body.max_tokens)
         template = served.chat_template
         messages = chat_messages(body.messages, self.sc.chat_roles)
-        self.admit(request, key, body.n)
+        await self.admit(request, key, body.n)
         # the plain transcript's own stops: an untuned model goes on to write the next turn itself
         stops = self.stops(body.stop) + ([] if template else [s for s in self.sc.chat_stop if s])
         text, ids = await self.prompts.off_loop(sum(len(m["content"]) for m in messages), self.prompts.chat, served,

@@ -5,7 +5,9 @@
   server asks the database once per key every few seconds rather than on every request, and a revoked
   key stops working within those seconds (sooner than anyone reacts to a leak).
 - Roles are ordered inference < deployer < admin: a route requiring deployer admits deployer and admin.
-- Each key has a token bucket: `auth.rate_limit_per_s` sustained, `auth.burst` at once.
+- Each key has a token bucket: `auth.rate_limit_per_s` sustained, `auth.burst` at once. In the process by
+  default; with `auth.rate_limit_url: redis://...` in Redis (RedisBuckets: one Lua script per request,
+  atomic, on Redis's clock), so the limit of a key holds across all replicas of the server.
 - Refusals are OpenAI-style error bodies, which OpenAI clients turn into their typed exceptions:
   401 (missing, invalid or revoked key), 403 (role too low), 429 (rate limited, with Retry-After).
 
@@ -16,6 +18,7 @@ With `auth.enabled: false`, `require` admits everyone and returns None instead o
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -27,7 +30,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from lmops.errors import LmopsError
 from lmops.store import ROLES, ApiKey, Store
+
+log = logging.getLogger("lmops.serve")
 
 if TYPE_CHECKING:
     from lmops.config import AuthConfig
@@ -115,8 +121,44 @@ class TokenBucket:
             return False, (n - self._tokens) / self.rate_per_s
 
 
+class RedisBuckets:
+    """TokenBucket's arithmetic in Redis, for every replica at once: one hash per key (tokens, updated),
+    read, refilled and taken from by one Lua script (atomic: two replicas cannot both take the last
+    token), on Redis's own clock (replicas' clocks need not agree). A bucket left alone expires once it
+    would be full again anyway."""
+
+    SCRIPT = """
+local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens, updated = tonumber(state[1]) or burst, tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
+local ok, wait = 0, 0
+if tokens >= n then tokens = tokens - n; ok = 1 else wait = (n - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return {ok, tostring(wait)}
+"""
+
+    def __init__(self, url: str, rate_per_s: float, burst: int):
+        try:
+            import redis.asyncio
+        except ImportError:
+            raise LmopsError("auth.rate_limit_url needs the redis package: pip install 'lmops[redis]'") from None
+        self.url, self.rate_per_s, self.burst = url, rate_per_s, burst
+        self.client = redis.asyncio.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._script = self.client.register_script(self.SCRIPT)
+
+    async def try_acquire(self, key: ApiKey, n: int = 1) -> tuple[bool, float]:
+        # the key's public prefix is random per key: two stores sharing one Redis never share a bucket
+        ok, wait = await self._script(keys=[f"lmops:rate:{key.prefix}:{key.id}"], args=[self.rate_per_s, self.burst, n])
+        return bool(ok), float(wait)
+
+
 class Auth:
-    """What `require` needs, kept on app.state.auth: the config, the authenticator, a bucket per key."""
+    """What `require` needs, kept on app.state.auth: the config, the authenticator, a bucket per key
+    (here, or in Redis when auth.rate_limit_url says so)."""
 
     def __init__(self, store: Store, cfg: AuthConfig, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
@@ -124,12 +166,30 @@ class Auth:
         self._clock = clock
         self._buckets: dict[int, TokenBucket] = {}  # one per key id: keys are few, made by admins
         self._lock = threading.Lock()
+        self.shared = RedisBuckets(cfg.rate_limit_url, cfg.rate_limit_per_s, cfg.burst) if cfg.rate_limit_url else None
+        self._shared_down = False  # logged once per outage
 
     def bucket(self, key_id: int) -> TokenBucket:
         with self._lock:
             if (bucket := self._buckets.get(key_id)) is None:
                 bucket = self._buckets[key_id] = TokenBucket(self.cfg.rate_limit_per_s, self.cfg.burst, self._clock)
             return bucket
+
+    async def acquire(self, key: ApiKey, n: int = 1) -> tuple[bool, float]:
+        """Take n tokens of key's bucket: the shared one when configured and reachable, else this process's."""
+        if self.shared is not None:
+            try:
+                result = await self.shared.try_acquire(key, n)
+                if self._shared_down:
+                    log.warning("rate limits: Redis at %s is back; limits are shared again", self.shared.url)
+                    self._shared_down = False
+                return result
+            except Exception as err:  # noqa: BLE001 - any Redis failure: limit here rather than refuse everyone
+                if not self._shared_down:
+                    log.error("rate limits: Redis at %s unreachable (%s); limiting per process until it is back",
+                              self.shared.url, err)
+                    self._shared_down = True
+        return self.bucket(key.id).try_acquire(n)
 
 
 class AuthError(HTTPException):
@@ -182,7 +242,7 @@ def require(role: str) -> Callable[..., Awaitable[ApiKey | None]]:
         if not allows(key.role, role):
             raise AuthError(403, f"API key {key.prefix} ({key.name}) has role '{key.role}' and this endpoint needs "
                             f"'{role}'; use a key with that role.", "permission_error", "insufficient_role")
-        ok, retry_after_s = auth.bucket(key.id).try_acquire()
+        ok, retry_after_s = await auth.acquire(key)
         if not ok:
             seconds = max(1, math.ceil(retry_after_s))
             raise AuthError(429, f"Rate limit reached for API key {key.prefix}: {auth.cfg.rate_limit_per_s:g} "

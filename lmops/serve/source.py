@@ -55,9 +55,15 @@ class ModelSource:
         self.ws, self.cfg, self.ref = ws, cfg, ref
         path = Path(ref).expanduser()
         self.path = path if path.exists() else None
+        self.bundle: dict | None = None  # a bundle's bundle.json (lmops/ship/bundle.py), checked
         if self.path is not None:
             self.movable = False
-            self.name = cfg.serve.served_model_name or (path if path.is_dir() else path.parent).name
+            from lmops.ship.bundle import is_bundle, verify_bundle
+
+            if is_bundle(path):
+                self.bundle = verify_bundle(path)  # a changed file fails here, at deploy or serve time
+            default = self.bundle["name"] if self.bundle else (path if path.is_dir() else path.parent).name
+            self.name = cfg.serve.served_model_name or default
             return
         if ws is None or ref.endswith(".safetensors") or "/" in ref and not ref.startswith("models:/"):
             raise LmopsError(f"{ref}: no such file or folder; give a checkpoint, a run folder, a Hugging Face folder "
@@ -72,6 +78,8 @@ class ModelSource:
 
     def version(self) -> str:
         """The version the reference names now: a registry query (the file's hash for a path)."""
+        if self.bundle is not None:
+            return str(self.bundle["version"])
         if self.path is not None:
             return self._file_version()
         from lmops import registry
@@ -91,6 +99,10 @@ class ModelSource:
             model, folder = ckpt.model(), ckpt.path.parent
         else:
             p = self.path
+            if self.bundle is not None:
+                from lmops.ship.bundle import verify_bundle
+
+                verify_bundle(p)  # again: it may have changed since the server started
             if p.is_dir() and (p / "config.json").is_file() and not (p / CKPT_NAME).is_file():
                 from lmops.hf import import_hf
 
@@ -98,7 +110,7 @@ class ModelSource:
             else:
                 ckpt = Checkpoint(p)
                 model, folder = ckpt.model(), ckpt.path.parent
-            version = self._file_version()
+            version = self.version()
         tok = load_tokenizer(folder)
         return ServedModel(model.to(device).eval(), tok, self.name, version, _eos_id(tok, folder),
                            ChatTemplate.from_folder(folder))
