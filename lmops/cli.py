@@ -99,14 +99,25 @@ def _store(workspace: Path | None, overrides: list[str] | None = None):
 @friendly
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder for the new workspace (created if missing).")] = Path("."),
-    force: Annotated[bool, typer.Option(help="Overwrite an existing lmops.yaml.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing lmops.yaml (and CI files, with --ci).")] = False,
+    ci: Annotated[Optional[str], typer.Option("--ci", help="Also write the CI/CD pipeline: github (.github/workflows/lmops.yml), azure (azure-pipelines.yml) or both; later: `lmops ci generate`.")] = None,
 ):
     """Create a workspace: lmops.yaml (every default with its reason), .lmops/ for state, corpus/ for text."""
     from lmops.workspace import init_workspace
 
+    if ci is not None:  # refused before anything is written
+        from lmops.ship import ci as ship_ci
+
+        which = ship_ci.systems(ci)
+        ship_ci.check_writable(directory.expanduser().resolve(), which, force)
     ws = init_workspace(directory, force=force)
     log(f"workspace ready: {ws.root}\n  put .txt/.md files in {ws.root / 'corpus'} (or set data.corpus in lmops.yaml), "
         "then run `lmops train`")
+    if ci is not None:
+        for path in ship_ci.write_files(ws.root, which, force=force):
+            log(f"wrote {path}; its header lists the secrets, variables and environments to set in the CI")
+        log(f"  its jobs install {ship_ci.default_install()} with pip; for another source: "
+            "lmops ci generate --force --install SPEC")
 
 
 @tokenizer_app.command("train")

@@ -2,12 +2,20 @@
 
 Every field says why its default is what it is. Unknown keys are rejected with the key named, so a
 typo never silently falls back to a default.
+
+Where a value comes from, last wins: the default, lmops.yaml, an LMOPS__SECTION__KEY environment variable
+(how a CI passes its secrets, e.g. LMOPS__STORE__DATABASE_URL), `--set section.key=value`.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -653,7 +661,9 @@ def parse_config(data: dict[str, Any] | None, source: str = CONFIG_FILE) -> Conf
         raise _one_line(err, source) from None
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """lmops.yaml at path, then the LMOPS__SECTION__KEY environment variables over it (environ: default
+    os.environ; {} for none)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -664,7 +674,81 @@ def load_config(path: Path) -> Config:
         raise LmopsError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if data is not None and not isinstance(data, dict):
         raise LmopsError(f"{path}: expected a mapping of sections (data, tokenizer, model, train)")
-    return parse_config(data, str(path))
+    return apply_environment(parse_config(data, str(path)), environ)
+
+
+# ----------------------------------------------------------------------------- environment variables
+
+ENV_PREFIX = "LMOPS__"
+ENV_DELIMITER = "__"
+_UNEXPANDED = re.compile(r"\$\([A-Za-z0-9_.]+\)")  # Azure Pipelines leaves $(NAME) of an undefined variable as is
+
+
+def environment_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str, tuple[str, ...], str]]:
+    """(variable, key path, value) of each LMOPS__SECTION__KEY variable that has a value, by name.
+
+    pydantic-settings' nested-delimiter style: LMOPS__STORE__DATABASE_URL is store.database_url,
+    LMOPS__ROLLOUT__SMOKE__MAX_TOKENS is rollout.smoke.max_tokens. An empty value counts as unset (its
+    env_ignore_empty), because a CI maps a secret nobody defined to an empty string."""
+    env = os.environ if environ is None else environ
+    found = []
+    for var in sorted(env):
+        if var.upper().startswith(ENV_PREFIX) and env[var] != "":
+            path = tuple(p.lower() for p in var[len(ENV_PREFIX):].split(ENV_DELIMITER))
+            found.append((var, path, env[var]))
+    return found
+
+
+def apply_environment(cfg: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """cfg with the LMOPS__SECTION__KEY environment variables applied, one at a time, each checked like a
+    key of lmops.yaml and named when wrong. A value is taken as it is for a text key (a URL, a name) and
+    parsed as YAML for any other (numbers, booleans, null, [lists] and {mappings}, JSON included), as
+    --set parses it. They override lmops.yaml; --set, applied after, overrides them."""
+    for var, path, raw in environment_settings(environ):
+        where = f"environment variable {var}"
+        if len(path) < 2 or not all(path):
+            raise LmopsError(f"{where}: name a key as LMOPS__SECTION__KEY, e.g. LMOPS__TRAIN__MAX_STEPS")
+        if _UNEXPANDED.fullmatch(raw.strip()):
+            raise LmopsError(f"{where} is {raw!r}: a CI variable that was never defined (Azure Pipelines leaves "
+                             f"$(NAME) as it is when there is no NAME); define it, or leave {var} unset")
+        field = _field_at(path, where)
+        if field is None or _is_text(field.annotation):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                raise LmopsError(f"{where}: {raw!r} is not a value ({getattr(err, 'problem', err)})") from None
+        data = cfg.to_dict()
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        cfg = parse_config(data, where)
+    return cfg
+
+
+def _field_at(path: tuple[str, ...], where: str):
+    """The field a key path names (None when it names none: parse_config then says which key is unknown)."""
+    model: type[BaseModel] = Config
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        if i == len(path) - 1:
+            return field
+        inner = field.annotation
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            raise LmopsError(f"{where}: {'.'.join(path[:i + 1])} is not a section; set it whole, e.g. "
+                             f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in path[:i + 1])}='...'")
+        model = inner
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    """str, or str | None: a value that YAML must not turn into a number, a boolean or null."""
+    args = set(typing.get_args(annotation)) - {type(None)}
+    return annotation is str or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and args == {str})
 
 
 def override(cfg: Config, assignments: list[str]) -> Config:
