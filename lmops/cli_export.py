@@ -56,6 +56,13 @@ def write_folder(out: Path, files: dict[str, str], force: bool) -> Path:
     return out
 
 
+def _readme(title: str, notes: list[str], then: str) -> str:
+    """README.md of an export: what the command printed, kept beside the files."""
+    lines = [f"# {title}", "", "Written by `lmops` (lmops/cli_export.py); export again rather than edit.", ""]
+    lines += [f"- {n}" for n in notes] + ["", "```", then, "```", ""]
+    return "\n".join(lines)
+
+
 def _report(out: Path, files: dict[str, str], notes: list[str], then: str) -> None:
     log(f"wrote {len(files)} files to {out}: {', '.join(sorted(files))}")
     from rich.markup import escape
@@ -98,6 +105,8 @@ def k8s_export(
     export = build(ep, cfg, K8sOptions(kind=kind, image=image, namespace=namespace, replicas=replicas,
                                         max_replicas=max_replicas, cpu=cpu, memory=memory,
                                         memory_limit=memory_limit, deployment=deployment, prometheus=prometheus))
+    then = "fill in secret.yaml, then: kubectl apply -f ."
+    export.files["README.md"] = _readme(f"Kubernetes objects of lmops endpoint {endpoint} ({kind})", export.notes, then)
     path = write_folder(out, export.files, force)
     _report(path, export.files, export.notes, f"fill in {path / 'secret.yaml'}, then: kubectl apply -f {path}")
 
@@ -134,5 +143,7 @@ def azure_export(
     export = build(ep, cfg, AzureOptions(image=image, instance_type=instance_type, instance_count=instance_count,
                                          compute=compute, processes=processes, nodes=nodes, corpus=corpus,
                                          job_tracking=job_tracking))
+    order = ORDER.format(endpoint=endpoint)
+    export.files["README.md"] = _readme(f"Azure ML definitions of lmops endpoint {endpoint}", export.notes, order)
     path = write_folder(out, export.files, force)
-    _report(path, export.files, export.notes, f"then, in {path}:\n" + ORDER.format(endpoint=endpoint))
+    _report(path, export.files, export.notes, f"then, in {path}:\n" + order)

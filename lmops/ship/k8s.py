@@ -434,8 +434,9 @@ def build(endpoint: Endpoint, cfg: Config, opts: K8sOptions) -> Export:
     if cfg.store.database_url is None or cfg.store.database_url.startswith("sqlite"):
         out.notes.append("this workspace's store is SQLite: the pods need a shared PostgreSQL store, so set "
                          "LMOPS_DATABASE_URL (and PGPASSWORD) in secret.yaml")
-    out.notes.append("secret.yaml holds placeholders (REPLACE-...): fill them in, or create the Secret yourself "
-                     "and leave the file out")
+    out.notes.append(f"secret.yaml holds placeholders (REPLACE-...): better create the Secret {name} in the cluster "
+                     "yourself (kubectl create secret generic ...) and apply the rest without the file: filled in, "
+                     "it holds a password on disk, and the next export with --force replaces it")
 
     config_text = workspace_config(cfg)
     out.files["configmap.yaml"] = dump(

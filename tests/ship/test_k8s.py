@@ -165,6 +165,7 @@ def test_deployment_shape_is_valid_kubernetes_and_says_what_lmops_needs(cli, cha
     secret = objs["secret"]["stringData"]
     assert secret["PGPASSWORD"].startswith("REPLACE") and "REPLACE" in secret["LMOPS_DATABASE_URL"]
     assert "SQLite" in out and "lmops drives the rollouts" in out
+    assert "lmops drives the rollouts" in (tmp_path / "k8s" / "README.md").read_text()  # the notes, kept
 
 
 def test_a_password_in_the_workspace_config_never_reaches_the_export(chat):
