@@ -133,8 +133,9 @@ def valid(obj: dict) -> None:
 # ----------------------------------------------------------------------------- the two shapes
 
 def test_deployment_shape_is_valid_kubernetes_and_says_what_lmops_needs(cli, chat, tmp_path):
-    out = cli("k8s", "export", "--endpoint", "chat", str(tmp_path / "k8s"), "--replicas", "3")
+    out = cli("k8s", "export", "--endpoint", "chat", str(tmp_path / "k8s"), "--replicas", "3", "--namespace", "ml")
     objs = load(tmp_path / "k8s")
+    assert {o["metadata"]["namespace"] for o in objs.values()} == {"ml"}
     assert set(objs) == {"configmap", "secret", "deployment", "service", "hpa", "pdb"}
     for obj in objs.values():
         valid(obj)
