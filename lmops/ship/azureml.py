@@ -18,7 +18,8 @@ Each model version is a `custom_model` asset whose folder is a bundle (`lmops pa
 writes models/NAME-VERSION/model.yml with path `bundle`, and says to fill that folder; deployments refer
 to the registered assets (azureml:NAME:VERSION), so `az ml model create` comes first.
 
-Training is a command job running `lmops train` with `distribution: pytorch` (Azure ML starts
+The jobs' environment is the same image with its entrypoint (`lmops serve`) cleared, so a job's command
+runs as written. Training is a command job running `lmops train` with `distribution: pytorch` (Azure ML starts
 process_count_per_instance processes per node with torchrun's environment, which lmops/train.py reads)
 on a workspace folder that is the job's output. The pipeline (pipeline.steps) is a pipeline job of
 command components, one per step, each taking the previous step's workspace folder and the corpus:
@@ -244,7 +245,11 @@ def build(endpoint: Endpoint, cfg: Config, opts: AzureOptions) -> Export:
     out.files["environments/serve/lmops.yaml"] = serve_config(cfg)
     out.files["environments/train.yml"] = dump({
         "$schema": _schema("environment"), "name": TRAIN_ENV, "version": "1",
-        "description": f"{opts.image} for lmops's training and pipeline jobs", "image": opts.image})
+        "description": f"{opts.image} for lmops's training and pipeline jobs", "build": {"path": "train"}})
+    # the image's ENTRYPOINT is `lmops serve ...`: a job runs its own command, so the entrypoint goes
+    out.files["environments/train/Dockerfile"] = (
+        f"# The lmops image for jobs: no entrypoint, the job's command runs as given.\nFROM {opts.image}\n"
+        "ENTRYPOINT []\nCMD []\n")
     for dep in endpoint.deployments.values():
         name, version = _model_key(dep)
         out.files[f"models/{name}-{version}/model.yml"] = dump(_model(dep), [

@@ -96,7 +96,8 @@ def test_serving_environment_is_the_image_with_lmops_routes(exported):
     served = parse_config(yaml.safe_load((context / "lmops.yaml").read_text()))
     assert served.auth.enabled is False and served.serve.host == "0.0.0.0"  # Azure ML's key auth is in front
     train_env = ml.load_environment(out / "environments" / "train.yml")
-    assert train_env.image == "example.azurecr.io/lmops:1"
+    train_docker = (out / "environments" / train_env.build.path / "Dockerfile").read_text()
+    assert "FROM example.azurecr.io/lmops:1\nENTRYPOINT []" in train_docker  # jobs run their own command
 
 
 def test_models_are_custom_model_folders(exported):
