@@ -289,7 +289,7 @@ def _meta(name: str, endpoint: str, opts: K8sOptions, component: str = "server")
 
 def workspace_config(cfg: Config) -> str:
     """lmops.yaml for the pods: the workspace's config with every default's reason, listening on all
-    addresses, with the store and MLflow URIs left to the Secret (passed by --set)."""
+    addresses, with the store and MLflow URIs left to the Secret (as LMOPS__ environment variables)."""
     pod_cfg = cfg.model_copy(deep=True)
     pod_cfg.store.database_url = None
     pod_cfg.tracking.tracking_uri = None
@@ -331,10 +331,8 @@ def _serve_args(endpoint: Endpoint, dep: Deployment | None, kind: str) -> list[s
         for key, value in (("runtime", dep.runtime), ("max_batch", dep.max_batch)):
             if value is not None:
                 args += ["--set", f"serve.{key}={value}"]
-    # Kubernetes expands $(VAR) from the container's env: the URIs come from the Secret, not the ConfigMap
-    return args + ["--host", "0.0.0.0", "--port", str(PORT),
-                   "--set", "store.database_url=$(LMOPS_DATABASE_URL)",
-                   "--set", "tracking.tracking_uri=$(MLFLOW_TRACKING_URI)"]
+    # the URIs come from the Secret as LMOPS__SECTION__KEY variables (lmops/config.py), not the ConfigMap
+    return args + ["--host", "0.0.0.0", "--port", str(PORT)]
 
 
 def _pod_template(name: str, endpoint: Endpoint, dep: Deployment | None, cfg: Config, opts: K8sOptions,
@@ -343,8 +341,8 @@ def _pod_template(name: str, endpoint: Endpoint, dep: Deployment | None, cfg: Co
         return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": timeout,
                 "failureThreshold": failures}
 
-    def secret_env(key: str) -> dict:
-        return {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+    def secret_env(key: str, as_name: str | None = None) -> dict:
+        return {"name": as_name or key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
 
     grace = math.ceil(PRESTOP_S + cfg.serve.shutdown_timeout_s + FLUSH_S)
     container = {
@@ -353,7 +351,8 @@ def _pod_template(name: str, endpoint: Endpoint, dep: Deployment | None, cfg: Co
         "command": ["lmops"],
         "args": _serve_args(endpoint, dep, opts.kind),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": [secret_env("LMOPS_DATABASE_URL"), secret_env("PGPASSWORD"), secret_env("MLFLOW_TRACKING_URI"),
+        "env": [secret_env("LMOPS_DATABASE_URL", "LMOPS__STORE__DATABASE_URL"), secret_env("PGPASSWORD"),
+                secret_env("MLFLOW_TRACKING_URI", "LMOPS__TRACKING__TRACKING_URI"),
                 {"name": "LMOPS_WORKSPACE", "value": WORKSPACE},
                 # the audit log names the pod that drove a rollout step
                 {"name": "LMOPS_USER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
@@ -442,7 +441,8 @@ def build(endpoint: Endpoint, cfg: Config, opts: K8sOptions) -> Export:
     out.files["configmap.yaml"] = dump(
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, endpoint.name, opts),
          "data": {"lmops.yaml": config_text}},
-        ["The workspace's lmops.yaml; the store and MLflow URIs come from the Secret (lmops serve --set)."])
+        ["The workspace's lmops.yaml; the store and MLflow URIs come from the Secret (LMOPS__STORE__DATABASE_URL, "
+         "LMOPS__TRACKING__TRACKING_URI)."])
     out.files["secret.yaml"] = dump(_secret(name, endpoint.name, cfg, opts), [
         "Placeholders, never real values: replace every REPLACE-... before applying.",
         "LMOPS_DATABASE_URL: the shared PostgreSQL store, without its password (PGPASSWORD holds it).",

@@ -145,8 +145,15 @@ def test_deployment_shape_is_valid_kubernetes_and_says_what_lmops_needs(cli, cha
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["args"][:3] == ["serve", "--endpoint", "chat"]
-    assert "store.database_url=$(LMOPS_DATABASE_URL)" in c["args"]  # expanded by Kubernetes from the Secret
-    assert {e["name"] for e in c["env"]} >= {"LMOPS_DATABASE_URL", "PGPASSWORD", "MLFLOW_TRACKING_URI"}
+    assert not any("database_url" in a for a in c["args"])  # no URL on the command line: from the Secret, as env
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") for e in c["env"]}
+    assert env["LMOPS__STORE__DATABASE_URL"] == "LMOPS_DATABASE_URL" and env["PGPASSWORD"] == "PGPASSWORD"
+    assert env["LMOPS__TRACKING__TRACKING_URI"] == "MLFLOW_TRACKING_URI"
+    # lmops reads them as settings: the variable names are the config's keys
+    from lmops.config import environment_settings
+
+    assert {p for _, p, _ in environment_settings({"LMOPS__STORE__DATABASE_URL": "x", "LMOPS__TRACKING__TRACKING_URI": "y"})} \
+        == {("store", "database_url"), ("tracking", "tracking_uri")}
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["ports"][0]["containerPort"] == 8000
     prestop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
