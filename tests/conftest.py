@@ -94,3 +94,23 @@ def url(request, tmp_path):
 def store(url):
     with Store.open(url) as s:
         yield s
+
+
+@pytest.fixture
+def cli(workspace, monkeypatch):
+    """The CLI in this process on `workspace`, as user carol: cli(*args, code=0) -> its output, asserting
+    the exit code."""
+    from typer.testing import CliRunner
+
+    from lmops.cli import app
+
+    monkeypatch.setenv("LMOPS_USER", "carol")
+    monkeypatch.setenv("LMOPS_WORKSPACE", str(workspace.root))
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+
+    def run(*args, code=0):
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, result.output
+        return result.output
+    return run

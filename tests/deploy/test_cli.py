@@ -8,27 +8,11 @@ import sys
 from datetime import timedelta
 
 import pytest
-from typer.testing import CliRunner
 
-from lmops.cli import app
 from lmops.deploy.rollout import Driver, SmokeResult
 from lmops.store import Store, utcnow
 
 from .conftest import traffic
-
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("LMOPS_USER", "carol")
-    monkeypatch.setenv("LMOPS_WORKSPACE", str(workspace.root))
-    monkeypatch.setenv("COLUMNS", "200")
-    runner = CliRunner()
-
-    def run(*args, code=0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, result.output
-        return result.output
-    return run
 
 
 def checkpoint(root, name, data=b"weights"):

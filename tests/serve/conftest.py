@@ -204,3 +204,17 @@ SERVE = ("import sys; from lmops.config import override; from lmops.serve.app im
 def serve_command(ws_root, model, port: int, *sets: str) -> list[str]:
     """The command line of a server process for model on port, with section.key=value overrides."""
     return [sys.executable, "-c", SERVE, str(ws_root), str(model), str(port), *sets]
+
+
+def wait_ready(proc, url: str, timeout: float = 60.0) -> None:
+    """Until the server process at url answers /readyz with 200; fails with its stderr if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, f"the server exited ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, f"{url} not ready after {timeout:.0f} s"
+        time.sleep(0.1)

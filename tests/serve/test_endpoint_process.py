@@ -18,7 +18,7 @@ from lmops.cli import app
 from lmops.store import Store
 from lmops.workspace import init_workspace
 
-from .conftest import free_port, save_model, table_model
+from .conftest import free_port, save_model, table_model, wait_ready
 
 FAST = ["serve.endpoint_poll_s=0.2", "rollout.tick_interval_s=0.2", "rollout.lease_s=2"]
 
@@ -29,15 +29,8 @@ def start_server(ws, port: int, *sets: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "lmops", "serve", "--endpoint", "chat", "-w", str(ws.root),
                              "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "LMOPS_USER": "server"})
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.1)
+    wait_ready(proc, f"http://127.0.0.1:{port}")
+    return proc
 
 
 def test_serve_endpoint_follows_the_cli_and_drives_a_blue_green_rollout(tmp_path, tok):

@@ -6,12 +6,11 @@ whole burst, which is what the setting is for. And a Redis that is gone limits p
 from __future__ import annotations
 
 import subprocess
-import time
 
 import httpx
 import pytest
 
-from .conftest import free_port, serve_command
+from .conftest import free_port, serve_command, wait_ready
 
 REDIS = "redis://127.0.0.1:6379/15"  # a database of its own; bucket names carry the key's random prefix
 LIMITS = ("auth.rate_limit_per_s=0.2", "auth.burst=6")  # 6 at once, one more every 5 s
@@ -34,16 +33,8 @@ def replicas(env, *sets):
         procs.append(subprocess.Popen(serve_command(env.ws.root, env.model_dir, port, *LIMITS, *sets),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         urls.append(f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 60
     for proc, url in zip(procs, urls):
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-            time.sleep(0.1)
+        wait_ready(proc, url)
     return procs, urls
 
 

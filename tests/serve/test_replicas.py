@@ -18,7 +18,7 @@ from lmops.cli import app
 from lmops.store import Store
 from lmops.workspace import init_workspace
 
-from .conftest import free_port, save_model, table_model
+from .conftest import free_port, save_model, table_model, wait_ready
 
 FAST = ["serve.endpoint_poll_s=0.2", "auth.key_cache_ttl_s=0.2", "auth.rate_limit_per_s=10000", "auth.burst=10000"]
 
@@ -55,17 +55,8 @@ def test_replicas_on_one_database_share_keys_traffic_and_the_request_log(tmp_pat
         return [httpx.post(f"{urls[i % 2]}/v1/completions", json=body, headers=bearer, timeout=30) for i in range(n)]
 
     try:
-        deadline = time.monotonic() + 60
         for proc, u in zip(procs, urls):
-            while True:
-                try:
-                    if httpx.get(f"{u}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    proc.stderr.read() if proc.poll() is not None else "slow"
-                time.sleep(0.1)
+            wait_ready(proc, u)
         first = served()
         assert {r.status_code for r in first} == {200} and {r.headers["x-lmops-deployment"] for r in first} == {"blue"}
         run("traffic", "set", "chat", "green=100", "--reason", "replicas follow")

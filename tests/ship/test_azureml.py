@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from lmops.cli import app
 from lmops.config import parse_config
 from lmops.deploy.endpoints import Deployment
 from lmops.store import Store
@@ -20,20 +18,6 @@ ml = pytest.importorskip("azure.ai.ml")  # the dev extra installs it
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 from azure.ai.ml import PyTorchDistribution  # noqa: E402
 from marshmallow.exceptions import ValidationError  # noqa: E402  (what the loaders raise on a bad file)
-
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("LMOPS_USER", "carol")
-    monkeypatch.setenv("LMOPS_WORKSPACE", str(workspace.root))
-    monkeypatch.setenv("COLUMNS", "200")
-    runner = CliRunner()
-
-    def run(*args, code=0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, result.output
-        return result.output
-    return run
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from lmops.cli import app
 from lmops.errors import LmopsError
 from lmops.ship.bundle import CARD, LOCK, MANIFEST, META, verify_bundle, write_bundle
 from lmops.workspace import init_workspace
-from serve.conftest import alphabet_tokenizer, free_port, save_model, table_model
+from serve.conftest import alphabet_tokenizer, free_port, save_model, table_model, wait_ready
 from test_registry import register, setup, trained  # noqa: F401 - trained is a fixture
 
 
@@ -101,9 +101,7 @@ def test_a_registry_version_is_packaged_with_its_card_and_lineage(trained, tmp_p
 def test_serve_bundle_answers_under_the_bundles_name_and_version(local, tmp_path):
     """The CLI's `lmops serve --bundle` in its own process, a real openai client."""
     import os
-    import time
 
-    import httpx
     import openai
 
     from lmops.store import Store
@@ -122,15 +120,7 @@ def test_serve_bundle_answers_under_the_bundles_name_and_version(local, tmp_path
                              str(ws.root), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=os.environ)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
-            time.sleep(0.1)
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         meta = verify_bundle(tmp_path / "b")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret)
         answer = client.completions.create(model="model", prompt="the quick", max_tokens=3, temperature=0)

@@ -15,9 +15,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from lmops.cli import app
 from lmops.config import Config, override, parse_config
 from lmops.deploy.endpoints import Deployment
 from lmops.deploy.expr import parse_condition
@@ -30,20 +28,6 @@ SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "argo
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("LMOPS_USER", "carol")
-    monkeypatch.setenv("LMOPS_WORKSPACE", str(workspace.root))
-    monkeypatch.setenv("COLUMNS", "200")
-    runner = CliRunner()
-
-    def run(*args, code=0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, result.output
-        return result.output
-    return run
-
 
 @pytest.fixture
 def chat(workspace):
