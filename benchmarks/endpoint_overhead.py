@@ -111,9 +111,6 @@ class Server(serve_load.Server):
     def __init__(self, folder: Path, mode: str):
         self.start([__file__, "--serve", str(folder), "{port}", mode])
 
-    def close(self) -> None:
-        self.__exit__()
-
 
 def routing_cost(calls: int = 200_000) -> float:
     """Microseconds per request of what an endpoint adds in the request path, in this process: the weighted

@@ -63,9 +63,6 @@ class Server(serve_load.Server):
     def __init__(self, folder: Path, url: str = "-", redis: str = "-"):
         self.start([__file__, "--serve", str(folder), "{port}", url, redis])
 
-    def close(self) -> None:
-        self.__exit__()
-
 
 def count_rows(store, since) -> int:
     return len(store.requests.list(100_000, since=since))

@@ -131,6 +131,9 @@ class Server:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
 

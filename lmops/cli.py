@@ -630,12 +630,12 @@ def serve(
 
     ws, cfg = _workspace_and_config(workspace, set_)
     if bundle is not None:
-        from lmops.ship.bundle import verify_bundle
+        from lmops.ship.bundle import require_bundle
 
         if endpoint:
             raise LmopsError("--bundle and --endpoint: give one (an endpoint's deployments may be bundles: "
                              "`lmops deploy NAME --model BUNDLE_DIR`)")
-        verify_bundle(bundle)
+        require_bundle(bundle)  # its files are checked where every bundle's are: by the model source loading it
         model = str(bundle.resolve())
     run_server(ws, cfg, None if endpoint else model, host or cfg.serve.host, port or cfg.serve.port, endpoint)
 

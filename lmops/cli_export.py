@@ -9,7 +9,6 @@ is replaced only with --force.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +17,7 @@ import typer
 
 from lmops.cli import SetOpt, WorkspaceOpt, _store, app, friendly, log
 from lmops.errors import LmopsError
+from lmops.util import replace_dir
 
 k8s_app = typer.Typer(help="Kubernetes: an endpoint as a Deployment (lmops drives rollouts) or an Argo Rollout with its AnalysisTemplate, plus Service, HPA, PDB, ConfigMap and Secret.", no_args_is_help=True)
 app.add_typer(k8s_app, name="k8s")
@@ -44,13 +44,7 @@ def write_folder(out: Path, files: dict[str, str], force: bool) -> Path:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the folder from a CI runner's other user
-        if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as err:
         raise LmopsError(f"cannot write {out}: {err.strerror or err}; choose a folder you can write to") from None
     return out

@@ -9,7 +9,6 @@ loadable by `LlamaForCausalLM.from_pretrained` and by anything else that reads L
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from lmops.errors import LmopsError
 from lmops.model import GPT, GPTConfig
 from lmops.tokenizer import EOT
+from lmops.util import replace_dir
 
 EOS_TOKEN = EOT  # end of text in our tokenizers; also serves as bos, as in GPT-2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -195,13 +195,7 @@ def export_hf(model: GPT, out_dir: Path, tokenizer_dir: Path | None = None, over
         # clone: the q/k/v and gate/up slices share storage, which save_file refuses
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in _to_hf(model.state_dict(), cfg).items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if out_dir.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,18 @@ def remove_stale_temps(folder: Path, prefix: str) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def replace_dir(tmp: Path, dest: Path) -> Path:
+    """Move the finished folder tmp (beside dest, on the same file system) to dest. A folder already at
+    dest is moved aside first and removed after, so dest is at every moment either the old folder or
+    the new one, never half of each."""
+    tmp, dest = Path(tmp), Path(dest)
+    if dest.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest

@@ -21,14 +21,16 @@ version are the bundle's, so requests and the request log name the registry vers
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 from lmops.config import Config
 from lmops.errors import LmopsError
-from lmops.util import sha256_file
+from lmops.util import replace_dir, sha256_file
 
 MANIFEST = "MANIFEST.sha256"
 META = "bundle.json"
@@ -42,6 +44,11 @@ def is_bundle(folder: Path) -> bool:
     return folder.is_dir() and (folder / META).is_file() and (folder / MANIFEST).is_file()
 
 
+def require_bundle(folder: Path) -> None:
+    if not is_bundle(Path(folder)):
+        raise LmopsError(f"{folder}: not a model bundle (no {META} and {MANIFEST}); make one with `lmops package`")
+
+
 def write_bundle(ws, cfg: Config, ref: str, out: Path, force: bool = False) -> dict:
     """Package what `ref` names into `out` (refused when out holds files, unless force); bundle.json's dict."""
     from lmops.checkpoint import save_checkpoint
@@ -49,17 +56,16 @@ def write_bundle(ws, cfg: Config, ref: str, out: Path, force: bool = False) -> d
     from lmops.tokenizer import save_tokenizer
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise LmopsError(f"{out} is not empty: give an empty or new folder, or --force to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists() and not out.is_dir():
+        raise LmopsError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LmopsError(f"{out} is not empty: give an empty or new folder, or --force to replace it")
     source = ModelSource(ws, cfg, ref)
     served = source.load()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # replaced in whole, at the end
     try:
-        save_checkpoint(tmp / "ckpt.safetensors", served.model.cpu(), meta={"bundle": True})
+        save_checkpoint(tmp / "ckpt.safetensors", served.model, meta={"bundle": True})
         save_tokenizer(served.tokenizer, tmp)
         folder = _source_folder(ws, cfg, source)
         for name in _COPIED:
@@ -75,9 +81,8 @@ def write_bundle(ws, cfg: Config, ref: str, out: Path, force: bool = False) -> d
         (tmp / LOCK).write_text(_lock(), encoding="utf-8")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         (tmp / MANIFEST).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in files), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the bundle from the server's user
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,8 +92,7 @@ def write_bundle(ws, cfg: Config, ref: str, out: Path, force: bool = False) -> d
 def verify_bundle(folder: Path) -> dict:
     """Check every file against MANIFEST.sha256 (and that nothing was added); bundle.json's dict."""
     folder = Path(folder)
-    if not is_bundle(folder):
-        raise LmopsError(f"{folder}: not a model bundle (no {META} and {MANIFEST}); make one with `lmops package`")
+    require_bundle(folder)
     listed: dict[str, str] = {}
     for n, line in enumerate((folder / MANIFEST).read_text(encoding="utf-8").splitlines(), 1):
         digest, sep, name = line.partition("  ")

@@ -50,21 +50,10 @@ def test_serve_endpoint_follows_the_cli_and_drives_a_blue_green_rollout(tmp_path
         _, secret = store.keys.create("test", "inference", "tests")
     port = free_port()
     sets = [a for s in FAST for a in ("--set", s)]
-    proc = subprocess.Popen([sys.executable, "-m", "lmops", "serve", "--endpoint", "chat", "-w", str(ws.root),
-                             "--port", str(port), *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "LMOPS_USER": "server"})
+    proc = start_server(ws, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                ready = httpx.get(f"{url}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-            time.sleep(0.1)
+        ready = httpx.get(f"{url}/readyz", timeout=2)
         assert ready.json()["endpoint"] == "chat"
         assert {d: v["traffic"] for d, v in ready.json()["deployments"].items()} == {"blue": 100, "green": 0}
         bearer = {"Authorization": f"Bearer {secret}"}
