@@ -182,15 +182,29 @@ def measure_store(store: Store, endpoint: str, canary: str, stable: str, since: 
                   baseline_since: datetime | None = None) -> AnalysisResult:
     """analyse() over the store's request log and answer scores of [since, until).
 
-    When the stable deployment served fewer than min_requests in the window (the last step of a
-    canary gives it 0%), its side is measured from baseline_since instead (the rollout's start), so
-    the canary at 100% is still compared with how stable did before."""
+    When the stable deployment has too few values in the window for a metric the canary has enough
+    of (the last step of a canary gives it 0%: a few requests it served while the change spread, and
+    fewer answer scores, would otherwise hold the rollout inconclusive to the end of the step), its
+    side is measured from baseline_since instead (the rollout's start), so the canary at 100% is
+    still compared with how stable did before."""
     requests = store.requests.list(limit=READ_LIMIT, since=since, until=until, endpoint=endpoint)
     scores = store.scores.list(endpoint, since=since, until=until)
     stable_requests, stable_scores = requests, scores
     if baseline_since is not None and baseline_since < since and \
-            sum(r.deployment == stable for r in requests) < min_requests:
+            _stable_short(requests, scores, canary, stable, metrics, min_requests):
         stable_requests = store.requests.list(limit=READ_LIMIT, since=baseline_since, until=until, endpoint=endpoint)
         stable_scores = store.scores.list(endpoint, since=baseline_since, until=until)
     return analyse(requests, scores, stable_requests, stable_scores, canary, stable, metrics, min_requests,
                    since, until)
+
+
+def _stable_short(requests: Sequence[Any], scores: Sequence[Any], canary: str, stable: str,
+                  metrics: Mapping[str, MetricCondition], min_requests: int) -> bool:
+    """Whether some metric has enough canary values in the window but too few stable ones."""
+    c = deployment_samples(requests, scores, canary)
+    s = deployment_samples(requests, scores, stable)
+    for name, cond in metrics.items():
+        need = cond.min_samples if cond.min_samples is not None else min_requests
+        if c[name].n >= need > s[name].n:
+            return True
+    return False

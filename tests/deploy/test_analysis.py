@@ -163,3 +163,21 @@ def test_measure_store_reads_the_window_and_falls_back_to_the_baseline_for_stabl
     assert result.outcome == FAILED
     no_baseline = measure_store(store, "chat", "green", "blue", T0 + minutes(2), T0 + minutes(4), METRICS, 20)
     assert no_baseline.outcome == INCONCLUSIVE  # stable served nothing in the window
+
+
+def test_measure_store_falls_back_when_stable_has_requests_but_too_few_answer_scores(sqlite_store):
+    """The last step: stable still served a few requests while the change spread (enough of them), but
+    scored few answers; without the baseline the step stays inconclusive to its end (a CI failure)."""
+    store = sqlite_store
+    blue_green_endpoint(store)
+    traffic(store, "blue", T0, T0 + minutes(2), 40)
+    traffic(store, "blue", T0 + minutes(2), T0 + minutes(2.5), 25, prompt_nll=None, answer_nll=None)
+    traffic(store, "blue", T0 + minutes(2.5), T0 + minutes(2.6), 3)
+    traffic(store, "green", T0 + minutes(2), T0 + minutes(4), 40)
+    window = (T0 + minutes(2), T0 + minutes(4))
+    by = {m.metric: m for m in measure_store(store, "chat", "green", "blue", *window, METRICS, 20).measurements}
+    assert by["answer_nll"].outcome == INCONCLUSIVE and by["answer_nll"].stable_n == 3  # what happened before
+    result = measure_store(store, "chat", "green", "blue", *window, METRICS, 20, baseline_since=T0)
+    by = {m.metric: m for m in result.measurements}
+    assert by["answer_nll"].stable_n == 43 and by["error_rate"].stable_n == 68
+    assert result.outcome == SUCCESSFUL, result.summary()
