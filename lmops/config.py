@@ -609,6 +609,120 @@ def _check_steps(steps: list[int]) -> list[int]:
     return steps
 
 
+class AlertRule(Section):
+    """A rule over a signal that alerts while it holds, e.g. error_rate above 0.02 for 300 s."""
+
+    signal: str = Field(description="A monitor signal (lmops/monitor/signals.py), e.g. error_rate, ttft_p95_s.")
+    above: float | None = Field(None, description="Alert when the signal is above this.")
+    below: float | None = Field(None, description="Alert when the signal is below this (e.g. feedback_score).")
+    for_s: float = Field(
+        0.0, ge=0,
+        description="Seconds the condition must have held: measured per minute over the last for_s, every minute "
+        "with requests must break it (0: the run's window as a whole).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AlertRule:
+        if (self.above is None) == (self.below is None):
+            raise ValueError(f"alert rule on {self.signal}: give exactly one of above or below")
+        return self
+
+    def text(self) -> str:
+        op, bound = (">", self.above) if self.above is not None else ("<", self.below)
+        return f"{self.signal} {op} {bound:g}" + (f" for {self.for_s:g} s" if self.for_s else "")
+
+
+class MonitorConfig(Section):
+    """Monitoring of the request log against a reference (lmops monitor; lmops/monitor)."""
+
+    window_s: float = Field(
+        3600.0, gt=0,
+        description="Seconds of request log one run reads: an hour holds enough requests for distribution "
+        "signals on a modest endpoint and shows a shift the same hour.",
+    )
+    interval_s: float = Field(
+        900.0, ge=0,
+        description="Seconds between the runs `lmops serve` makes itself (0: none; `lmops monitor watch` "
+        "runs them as a process of its own): four runs an hour over an hour's window, each a few "
+        "seconds of CPU, well inside the 2% latency budget.",
+    )
+    reference: str = Field(
+        "training",
+        description="What a window is compared with: training (a sample of the validation split of the "
+        "dataset the deployed version was trained on, found through lineage), log (the window before), or "
+        "a dataset version id.",
+    )
+    reference_size: int = Field(
+        4000, ge=20,
+        description="Reference prompts drawn: the window is compared with half, calibration draws disjoint "
+        "pairs from all of it; 4000 keeps calibration honest for windows up to 2000 prompts.",
+    )
+    sample: int = Field(
+        256, ge=8,
+        description="Prompts per side the model reads for the model signals (prompt_nll, embeddings, "
+        "answer_logprob): 256 short prompts are a second of CPU for a small model, and enough for MMD and "
+        "a classifier to see a real shift.",
+    )
+    max_tokens: int = Field(
+        128, ge=8,
+        description="Tokens of a prompt (and answer) the model reads for the model signals: the start is "
+        "what drift shows in, and the cost grows with it.",
+    )
+    false_alarm_rate: float = Field(
+        0.01, gt=0, lt=0.5,
+        description="Calibrated thresholds are this quantile from the top of the signal between disjoint "
+        "reference samples of the window's size: a signal alerts on in-distribution traffic about once in "
+        "100 runs.",
+    )
+    calibration_rounds: int = Field(
+        100, ge=10,
+        description="Disjoint reference pairs each threshold is calibrated on: 100 pins a 1% tail to "
+        "within a draw or two, in well under a second for all signals.",
+    )
+    permutations: int = Field(
+        200, ge=20, description="Permutations of the MMD test: p-values down to 0.005."
+    )
+    min_requests: int = Field(
+        30, ge=2,
+        description="Prompts a deployment's window needs before drift is judged (fewer: reported, not "
+        "judged): below ~30 a distribution is mostly noise.",
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="A fixed threshold per signal instead of the calibrated one (signal: value).",
+    )
+    signals: list[str] | None = Field(
+        None, description="The signals to compute (None: all of lmops/monitor/signals.py)."
+    )
+    rules: list[AlertRule] = Field(
+        default_factory=lambda: [AlertRule(signal="error_rate", above=0.02, for_s=300)],
+        description="Alert rules over any signal: by default more than 2% server errors for 5 minutes.",
+    )
+    repeat_s: float = Field(
+        3600.0, ge=0,
+        description="An alert on one signal of one deployment is not raised again for this long while it "
+        "persists: one page an hour, not one per run.",
+    )
+    webhook_url: str | None = Field(
+        None, description="Alerts are POSTed here as JSON (Slack, Teams, PagerDuty or any receiver)."
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Seconds a webhook delivery may take.")
+    webhook_retries: int = Field(
+        3, ge=0,
+        description="Retries of a failed delivery, 0.5 s doubling: rides out a receiver's restart; an alert "
+        "still undelivered stays in the store and the next run tries again.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MonitorConfig:
+        from lmops.monitor.signals import SIGNALS
+
+        named = [*self.thresholds, *(self.signals or []), *(r.signal for r in self.rules)]
+        if unknown := sorted(set(named) - set(SIGNALS)):
+            raise ValueError(f"monitor: unknown signal {', '.join(unknown)} (known: {', '.join(SIGNALS)})")
+        return self
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -623,6 +737,7 @@ class Config(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -268,7 +268,8 @@ class Server:
         hs = [c.handle for c in choices]
         row.update(prompt=prompt, completion="\n".join(c.sent for c in choices),
                    prompt_tokens=sum(h.prompt_tokens for h in hs), completion_tokens=sum(c.tokens for c in choices),
-                   queue_s=_min_delta(hs, "started_at"), ttft_s=_min_delta(hs, "first_token_at"))
+                   queue_s=_min_delta(hs, "started_at"), ttft_s=_min_delta(hs, "first_token_at"),
+                   finish_reason=",".join(dict.fromkeys(c.finish_reason for c in choices)))
         if errors := [c.handle.error for c in choices if c.finish_reason == "error"]:
             row["error"] = f"engine: {errors[0]}"
         if self.shadow is not None and self.shadow.comparing:

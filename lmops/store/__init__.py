@@ -13,6 +13,9 @@ session outlives the method that opened it) and the operations on them:
     store.endpoints  endpoints, deployments, traffic (lmops/store/endpoints.py)
     store.scores     scored live and shadow answers (lmops/store/scores.py)
     store.rollouts   rollouts, their analyses and driver lease (lmops/store/rollouts.py)
+    store.monitor    monitor results per run and signal (lmops/store/monitor.py)
+    store.alerts     alerts and their webhook delivery  (lmops/store/monitor.py)
+    store.feedback   users' scores of completions       (lmops/store/monitor.py)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lmops.store.endpoints import Endpoints
 from lmops.store.db import (
     MIGRATIONS, VERSION_TABLE, Base, alembic_config, create, default_actor, mask_url, migrate, utcnow,
 )
+from lmops.store.monitor import Alert, Alerts, Feedback, FeedbackLog, MonitorResult, MonitorResults
 from lmops.store.keys import KEY_PREFIX, ROLES, ApiKey, ApiKeys
 from lmops.store.pipeline import LockHolder, PipelineRun, PipelineRuns, StepRun
 from lmops.store.requests import REQUEST_FIELDS, RequestLog, RequestRecord, request_row
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 DB_FILE = "lmops.db"
 
 __all__ = [
-    "DB_FILE", "GENESIS", "AnswerScore", "KEY_PREFIX", "MIGRATIONS", "REQUEST_FIELDS", "ROLES", "VERSION_TABLE", "ApiKey",
+    "Alert", "Feedback", "MonitorResult", "DB_FILE", "GENESIS", "AnswerScore", "KEY_PREFIX", "MIGRATIONS", "REQUEST_FIELDS", "ROLES", "VERSION_TABLE", "ApiKey",
     "AuditEntry", "AuditVerification", "Base", "DatasetRecord", "LockHolder", "PipelineRun", "RequestRecord", "Rollout",
     "StepRun", "Store", "alembic_config", "audit_hash", "default_actor", "request_row", "utcnow",
 ]
@@ -64,6 +68,9 @@ class Store:
         self.endpoints = Endpoints(sessions, self.audit)
         self.scores = AnswerScores(sessions)
         self.rollouts = Rollouts(sessions)
+        self.monitor = MonitorResults(sessions)
+        self.alerts = Alerts(sessions)
+        self.feedback = FeedbackLog(sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:

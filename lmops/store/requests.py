@@ -37,6 +37,7 @@ class RequestLogRow(Base):
     ttft_s: Mapped[float | None]
     latency_s: Mapped[float | None]
     moderation: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # lmops.safety.Moderation hits and action
+    finish_reason: Mapped[str | None]  # stop, length, content_filter, ... (several choices: comma-separated)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class RequestRecord:
     ttft_s: float | None
     latency_s: float | None
     moderation: dict[str, Any] | None
+    finish_reason: str | None
 
 
 # The columns a request_log row is given (id is the database's), and those it cannot do without.
