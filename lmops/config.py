@@ -670,17 +670,19 @@ class MonitorConfig(Section):
     )
     false_alarm_rate: float = Field(
         0.01, gt=0, lt=0.5,
-        description="Calibrated thresholds are this quantile from the top of the signal between disjoint "
-        "reference samples of the window's size: a signal alerts on in-distribution traffic about once in "
-        "100 runs.",
+        description="How often a run may alert on traffic like the reference: 1 in 100 runs (split evenly over "
+        "the drift signals, each threshold being its share's quantile of the signal between disjoint "
+        "reference samples of the window's size).",
     )
     calibration_rounds: int = Field(
-        100, ge=10,
-        description="Disjoint reference pairs each threshold is calibrated on: 100 pins a 1% tail to "
-        "within a draw or two, in well under a second for all signals.",
+        200, ge=10,
+        description="Disjoint reference pairs each threshold is calibrated on: 200 in well under a second for "
+        "all signals; the tail beyond them is a normal fitted to the draws.",
     )
     permutations: int = Field(
-        200, ge=20, description="Permutations of the MMD test: p-values down to 0.005."
+        2000, ge=20,
+        description="Permutations of the MMD test: p-values down to 0.0005, below a signal's share of the "
+        "false alarm rate; all in one matrix product.",
     )
     min_requests: int = Field(
         30, ge=2,

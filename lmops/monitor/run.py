@@ -12,9 +12,11 @@ window.
 
 Thresholds are calibrated on the reference itself: the statistic between two disjoint samples of the
 reference, each of the window's size, over monitor.calibration_rounds draws; the threshold is its
-(1 - monitor.false_alarm_rate) quantile. On traffic like the reference a signal thus alerts with that
-probability per run, whatever the model, tokenizer or window size; monitor.thresholds fixes one
-instead. The domain classifier's AUC has a known null (Mann-Whitney's) and is calibrated from it.
+(1 - alpha) quantile, alpha being monitor.false_alarm_rate split evenly over the drift signals (so a
+run on traffic like the reference alerts with about that probability, whatever the model, tokenizer,
+window size or number of signals; beyond the draws' reach the tail is a fitted normal).
+monitor.thresholds fixes one instead. The domain classifier's AUC has a known null (Mann-Whitney's)
+and is calibrated from it.
 Statistics are computed on samples of bounded size (the window and the reference both subsampled),
 so a run over 100k requests costs about what one over 2k does; the sizes are in each result.
 
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import norm
 
 from lmops.config import AlertRule, Config
 from lmops.errors import LmopsError
@@ -172,8 +175,21 @@ def dataset_prompts(ws, dataset: str, size: int, rng: np.random.Generator) -> tu
 # ---------------------------------------------------------------------------------- calibration
 
 
+def signal_alpha(cfg: Config) -> float:
+    """Each drift signal's share of the run's false alarm rate (Bonferroni: the run alerts on traffic
+    like the reference with probability at most monitor.false_alarm_rate, whatever the number of signals)."""
+    judged = [s for s in (cfg.monitor.signals or SIGNALS) if SIGNALS[s].drift and s not in cfg.monitor.thresholds]
+    return cfg.monitor.false_alarm_rate / max(1, len(judged))
+
+
 def _quantile(null: list[float], cfg: Config) -> float:
-    return float(np.quantile(np.asarray(null), 1 - cfg.monitor.false_alarm_rate))
+    """The (1 - alpha) quantile of the statistic between reference samples: empirical when the draws
+    reach that far into the tail (5 or more beyond it), else a normal tail fitted to the draws, never
+    below their maximum."""
+    x, alpha = np.asarray(null, float), signal_alpha(cfg)
+    if len(x) * alpha >= 5:
+        return float(np.quantile(x, 1 - alpha))
+    return float(max(x.max(), x.mean() + norm.isf(alpha) * x.std(ddof=1)))
 
 
 def _pairs(pool: int, m: int, rounds: int, rng: np.random.Generator):
@@ -233,18 +249,21 @@ def model_signals(ref: F.ModelFeatures, win: F.ModelFeatures, cfg: Config, rng: 
     pairs = list(_pairs(len(ref), m, cfg.monitor.calibration_rounds, rng))
     a0 = pairs[0][0]
     out = []
-    # prompt_nll: how much more the model is surprised by the window than by its own validation text
+    # prompt_nll: how much more the model is surprised by the window than by its own validation text, as
+    # the difference of medians (a prompt's loss is heavy-tailed: a few tables or lists of numbers would
+    # move a mean more than a change of language does); the means, its perplexity, are in the details
     rn, wn = ref.prompt_nll, win.prompt_nll[:m]
     ok = ~np.isnan(rn)
     if ok.sum() >= 4 and (~np.isnan(wn)).sum() >= 2:
         def diff(a, b):
-            return float(np.nanmean(b) - np.nanmean(a))
+            return float(np.nanmedian(b) - np.nanmedian(a))
         value = diff(rn[a0], wn)
         null = [diff(rn[a], rn[b]) for a, b in pairs]
         out.append(Result("prompt_nll", value, _quantile(null, cfg),
                           stats.mean_diff_p(rn[a0][~np.isnan(rn[a0])], wn[~np.isnan(wn)]), m, m, reference=reference,
                           details={"calibrated": True, "window_nll": float(np.nanmean(wn)),
-                                   "reference_nll": float(np.nanmean(rn[a0]))}))
+                                   "reference_nll": float(np.nanmean(rn[a0])),
+                                   "window_perplexity": float(np.exp(np.nanmean(wn)))}))
     # embeddings: MMD with a permutation test; the kernel's bandwidth from the reference
     re_, we = ref.embeddings, win.embeddings[:m]
     bw = stats.rbf_bandwidth(re_.double())
@@ -258,7 +277,7 @@ def model_signals(ref: F.ModelFeatures, win: F.ModelFeatures, cfg: Config, rng: 
     out.append(Result("embedding_mmd", value, _quantile(null, cfg), p, m, m, reference=reference,
                       details={"calibrated": True, "bandwidth": bw, "permutations": cfg.monitor.permutations}))
     auc, p_auc = stats.domain_auc(re_[a0], we, seed=SEED)
-    out.append(Result("embedding_auc", auc, stats.auc_threshold(m, m, cfg.monitor.false_alarm_rate), p_auc, m, m,
+    out.append(Result("embedding_auc", auc, stats.auc_threshold(m, m, signal_alpha(cfg)), p_auc, m, m,
                       reference=reference, details={"calibrated": True, "null": "Mann-Whitney"}))
     return out
 
@@ -290,8 +309,9 @@ def answer_signals(ref: F.AnswerFeatures, win: F.AnswerFeatures, ref_conf: np.nd
         k = min(len(wc), len(rc) // 2)
         if k >= 2:
             cpairs = list(_pairs(len(rc), k, cfg.monitor.calibration_rounds, rng))
-            value = float(rc[cpairs[0][0]].mean() - wc[:k].mean())  # less confident than before: positive
-            cnull = [float(rc[a].mean() - rc[b].mean()) for a, b in cpairs]
+            # less confident than before: positive; medians, as for prompt_nll
+            value = float(np.median(rc[cpairs[0][0]]) - np.median(wc[:k]))
+            cnull = [float(np.median(rc[a]) - np.median(rc[b])) for a, b in cpairs]
             out.append(Result("answer_logprob", value, _quantile(cnull, cfg),
                               stats.mean_diff_p(-rc[cpairs[0][0]], -wc[:k]), k, k, reference=reference,
                               details={"calibrated": True, "window_logprob": float(wc[:k].mean())}))

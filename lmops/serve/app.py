@@ -117,6 +117,12 @@ class Server:
         self.metrics = self.router.metrics = Metrics(self.router.stats)
         self.shadow = Shadow(self.router, store, cfg, self.metrics if metrics else None) if endpoint else None
         self.prompts = Prompts(cfg, self.metrics if metrics else None, moderation)
+        self.monitoring = None  # scheduled monitor runs and drift gauges (lmops/serve/monitoring.py)
+        if store is not None:
+            from lmops.serve.monitoring import Monitoring
+
+            ref = None if source is None or ws is None else source.ref
+            self.monitoring = Monitoring(cfg, store, ws, endpoint, ref, self.metrics if metrics else None)
         self._held: dict[int, list[RequestHandle]] = {}  # key id -> its engine requests not known to be done
         self.created = int(time.time())
 
@@ -146,12 +152,16 @@ class Server:
         await self.router.start()
         if self.shadow is not None:
             self.shadow.start()
+        if self.monitoring is not None:
+            self.monitoring.start()
 
     async def stop(self) -> None:
         """After uvicorn stopped accepting and gave in-flight requests serve.shutdown_timeout_s."""
         self.closing = True
         if self.shadow is not None:
             self.shadow.stop()
+        if self.monitoring is not None:
+            self.monitoring.stop()
         await self.router.stop(ENGINE_DRAIN_S)
 
     # ------------------------------------------------------------------------- checks

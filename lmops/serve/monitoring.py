@@ -1,0 +1,120 @@
+"""The server's part in monitoring: scheduled monitor runs and the drift gauges.
+
+- Every monitor.interval_s the server runs `lmops monitor run` on what it serves (its endpoint, or its
+  model) as a child process at low priority (nice 10, one thread): the run's forward passes and
+  statistics then never hold the server's event loop or its GIL, and the kernel gives the serving
+  threads the cores first. With several replicas on one store, a replica skips its turn when a run of
+  the last interval is already in the store, so the fleet makes about one run per interval.
+- Every GAUGE_REFRESH_S the latest run in the store (whoever made it: this server, a replica,
+  `lmops monitor watch`, a CI schedule) is published as `lmops:drift_score{signal, deployment}`, with
+  its threshold as `lmops:drift_threshold` and `lmops:monitor_alert` (1 while past it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+
+from prometheus_client import Gauge
+
+from lmops.store import utcnow
+
+log = logging.getLogger("lmops.serve")
+
+GAUGE_REFRESH_S = 15.0
+PASSED_SECTIONS = ("store", "tracking", "registry", "monitor", "safety")  # what the child must see as the server does
+
+
+class Monitoring:
+    def __init__(self, cfg, store, ws, endpoint: str | None, model_ref: str | None, metrics=None):
+        self.cfg, self.store, self.ws, self.endpoint, self.model_ref = cfg, store, ws, endpoint, model_ref
+        self.tasks: list[asyncio.Task] = []
+        self.runs = 0
+        self.gauges = None
+        if metrics is not None:
+            r = metrics.registry
+            labels = ["signal", "deployment"]
+            self.gauges = (Gauge("lmops:drift_score", "The latest monitor run's value of each signal.", labels, registry=r),
+                           Gauge("lmops:drift_threshold", "The threshold each signal was judged by.", labels, registry=r),
+                           Gauge("lmops:monitor_alert", "1 while a signal is past its threshold.", labels, registry=r))
+
+    def start(self) -> None:
+        if self.gauges is not None:
+            self.tasks.append(asyncio.create_task(self._refresh_loop()))
+        if self.cfg.monitor.interval_s > 0 and self.ws is not None and (self.endpoint or self.model_ref):
+            self.tasks.append(asyncio.create_task(self._schedule_loop()))
+
+    def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+
+    # ---------------------------------------------------------------------------- gauges
+
+    def refresh(self) -> None:
+        rows = self.store.monitor.latest_run(self.endpoint)
+        score, threshold, alert = self.gauges
+        for r in rows:
+            labels = (r.signal, r.deployment or r.model_version or "")
+            if r.value is not None:
+                score.labels(*labels).set(r.value)
+            if r.threshold is not None:
+                threshold.labels(*labels).set(r.threshold)
+            alert.labels(*labels).set(1 if r.alert else 0)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:  # noqa: BLE001 - a store blip must not end the loop
+                log.exception("monitor gauges: could not read the latest run")
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
+    # --------------------------------------------------------------------------- schedule
+
+    def command(self) -> list[str]:
+        target = ["--endpoint", self.endpoint] if self.endpoint else ["--model", self.model_ref]
+        sets = []
+        for section in PASSED_SECTIONS:
+            for key, value in getattr(self.cfg, section).model_dump(mode="json").items():
+                sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
+        return [sys.executable, "-m", "lmops", "monitor", "run", *target, "-w", str(self.ws.root), *sets]
+
+    def due(self) -> bool:
+        """No run of what this server serves in the last interval (made by anyone)."""
+        latest = self.store.monitor.latest_run(self.endpoint)
+        return not latest or latest[0].ts < utcnow() - timedelta(seconds=0.9 * self.cfg.monitor.interval_s)
+
+    async def run_once(self) -> int:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        proc = await asyncio.create_subprocess_exec(*self.command(), env=env, stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.nice(10))
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:  # the server is stopping: so is its run
+            proc.kill()
+            await proc.wait()
+            raise
+        self.runs += 1
+        if proc.returncode != 0:
+            log.warning("scheduled monitor run failed (exit %s): %s", proc.returncode,
+                        err.decode(errors="replace").strip().splitlines()[-1:] or "")
+        elif self.gauges is not None:
+            await asyncio.to_thread(self.refresh)
+        return proc.returncode
+
+    async def _schedule_loop(self) -> None:
+        interval = self.cfg.monitor.interval_s
+        await asyncio.sleep(min(interval, 60.0))  # let the models load and some traffic arrive first
+        while True:
+            try:
+                if await asyncio.to_thread(self.due):
+                    await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next interval tries again
+                log.exception("scheduled monitor run")
+            await asyncio.sleep(interval)
