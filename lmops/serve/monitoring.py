@@ -109,7 +109,9 @@ class Monitoring:
     async def _schedule_loop(self) -> None:
         interval = self.cfg.monitor.interval_s
         await asyncio.sleep(min(interval, 60.0))  # let the models load and some traffic arrive first
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 if await asyncio.to_thread(self.due):
                     await self.run_once()
@@ -117,4 +119,4 @@ class Monitoring:
                 raise
             except Exception:  # noqa: BLE001 - the next interval tries again
                 log.exception("scheduled monitor run")
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))

@@ -64,6 +64,16 @@ def heldout_lines(ws, dataset_id: str) -> list[str]:
     return lines
 
 
+RUSSIAN = ("мы говорим о погоде и о том что будет завтра в городе много людей которые работают каждый день "
+           "книга лежит на столе рядом с окном дети играют во дворе после школы").split()
+
+
+def russian_lines(n: int, seed: int = 0) -> list[str]:
+    """Another language in another script: characters the corpus's tokenizer has never seen."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(RUSSIAN) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(n)]
+
+
 def latin_lines(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(LATIN) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(n)]
