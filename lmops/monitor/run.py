@@ -434,8 +434,10 @@ def monitor_group(ws, cfg: Config, store: Store, t: Target, rows: list, since: d
         else:
             if progress:
                 progress(f"{t.deployment or t.source}: prompts")
+            m = min(len(answered), len(ref_texts) // 2)  # the window's sample: features of no more than that
+            sample = [answered[i] for i in rng.choice(len(answered), m, replace=False)] if len(answered) > m else answered
             results += prompt_signals(F.prompt_features(ref_texts, tok), F.prompt_features(
-                [r.prompt for r in answered], tok), cfg, rng, reference)
+                [r.prompt for r in sample], tok), cfg, rng, reference)
             if wanted & {"prompt_nll", "embedding_mmd", "embedding_auc", "answer_logprob"}:
                 if progress:
                     progress(f"{t.deployment or t.source}: model signals")

@@ -125,20 +125,20 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def domain_auc(reference: torch.Tensor, window: torch.Tensor, folds: int = 5, seed: int = 0) -> tuple[float, float]:
-    """(cross-validated AUC of a logistic regression telling window (1) from reference (0), one-sided
-    p-value that it is above 0.5 by Mann-Whitney's normal approximation)."""
+    """(cross-validated AUC of a logistic regression telling window (1) from reference (0), the mean over
+    the folds, and the one-sided p-value that it is above 0.5 by Mann-Whitney's normal approximation)."""
     x = torch.cat([reference, window]).double()
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     y = torch.cat([torch.zeros(len(reference)), torch.ones(len(window))]).double()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    scores = torch.empty(len(x), dtype=torch.float64)
-    for f in range(folds):
+    aucs = []
+    for f in range(folds):  # each fold's AUC from its own model's scores (scores of two models do not compare)
         test = order[f::folds]
         train = torch.cat([order[g::folds] for g in range(folds) if g != f])
-        scores[test] = _fit_predict(x[train], y[train], x[test])
-    value = auc(scores.numpy(), y.numpy())
+        aucs.append(auc(_fit_predict(x[train], y[train], x[test]).numpy(), y[test].numpy()))
+    value = float(np.mean(aucs))
     n1, n0 = len(window), len(reference)
-    sd = math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+    sd = math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))  # the mean of the folds' AUCs: about the pooled one's spread
     return value, float(sps.norm.sf((value - 0.5) / sd))
 
 
