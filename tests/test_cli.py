@@ -1,4 +1,6 @@
-"""The lmops command, run as a user runs it: a real process in a real workspace."""
+"""The lmops command, run as a user runs it: a real process in a real workspace (the `cli` fixture runs it in
+this process where a test is about what commands do together rather than about the process: each process
+start costs seconds of imports)."""
 
 import os
 import re
@@ -107,99 +109,29 @@ def test_quickstart_runs_the_pipeline_and_caches_the_second_time(tmp_path):
     assert "hash chain verified" in lmops("audit", "verify", "-w", str(tmp_path / "qs")).stderr
 
 
-def test_governance_commands(workspace, tiny_sets, tmp_path):
-    """train -> evaluate -> register -> approve -> promote -> lineage -> audit, as a person types them."""
-    w = ["-w", str(workspace.root)]
+def test_governance_commands(workspace, tiny_sets, cli):
+    """train -> evaluate -> register -> approve -> promote -> lineage -> audit, as a person types them (in this
+    process: what is tested is the commands' logic; the process boundary is tested above and below)."""
     sets = [a for item in [*tiny_sets, "evaluate.max_new_tokens=4", "registry.require_approval=true",
                            "registry.approvers=[alice]"] for a in ("--set", item)]
     (workspace.root / "lmops.yaml").write_text(
         "registry:\n  require_approval: true\n  approvers: [alice]\nevaluate:\n  max_new_tokens: 4\n")
-    lmops("train", *w, *sets[:len(tiny_sets) * 2], "--no-progress")
-    ev = lmops("evaluate", *w)
-    assert "val loss" in ev.stderr and "safety" in ev.stderr
-    assert "version 1" in lmops("register", *w).stderr
-    refused = lmops("promote", *w, check=False)
-    assert refused.returncode == 1 and "needs approval by one of alice" in refused.stderr
-    wrong = lmops("approve", "1", "--as", "mallory", *w, check=False)
-    assert wrong.returncode == 1 and "mallory" in wrong.stderr
-    lmops("approve", "1", "--as", "alice", *w)
-    assert "version 1 is champion" in lmops("promote", *w).stderr
-    listed = lmops("models", "list", *w).stderr
+    cli("train", *sets[:len(tiny_sets) * 2], "--no-progress")
+    ev = cli("evaluate")
+    assert "val loss" in ev and "safety" in ev
+    assert "version 1" in cli("register")
+    refused = cli("promote", code=1)
+    assert "needs approval by one of alice" in refused
+    assert "mallory" in cli("approve", "1", "--as", "mallory", code=1)
+    cli("approve", "1", "--as", "alice")
+    assert "version 1 is champion" in cli("promote")
+    listed = cli("models", "list")
     assert "@challenger @champion" in listed and "passed" in listed and "alice" in listed
-    lineage = lmops("lineage", "@champion", *w).stderr
+    lineage = cli("lineage", "@champion")
     assert "lmops-model v1 @challenger, @champion" in lineage and "approved by alice" in lineage
-    audit = lmops("audit", "list", *w).stderr
+    audit = cli("audit", "list")
     assert all(a in audit for a in ("model.registered", "model.approved", "model.promoted"))
-    assert "hash chain verified" in lmops("audit", "verify", *w).stderr
-
-
-def test_data_commands(workspace, tmp_path):
-    w = ["-w", str(workspace.root)]
-    first = lmops("data", "ingest", *w)
-    assert "documents read" in first.stderr and "dataset " in first.stderr
-    (workspace.root / "corpus" / "more.txt").write_text("A second document, long enough to keep. " * 5)
-    (workspace.root / "corpus" / "bad.txt").write_bytes(b"caf\xe9 " * 20)
-    second = lmops("data", "ingest", *w)
-    assert "quarantined" in second.stderr
-    assert list((workspace.root / ".lmops" / "quarantine").rglob("bad.txt*"))
-    listed = lmops("data", "list", *w).stderr
-    assert first.stderr.split("dataset ")[1][:12] in listed and listed.count("\n") >= 6
-    diff = lmops("data", "diff", first.stderr.split("dataset ")[1][:12], "latest", *w)
-    assert "+1 documents" in diff.stderr
-    gate = lmops("data", "ingest", *w, "--set", "data.min_documents=100", check=False)
-    assert gate.returncode == 1 and "min_documents" in gate.stderr
-
-
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workspace, tiny_sets):
-    import json
-    import signal
-    import time
-
-    sets = [a for item in [*tiny_sets, "train.max_steps=100000"] for a in ("--set", item)]
-    proc = subprocess.Popen([sys.executable, "-m", "lmops.cli", "train", "-w", str(workspace.root), *sets, "--no-progress"],
-                            stderr=subprocess.PIPE, text=True)
-    metrics = workspace.run_dir("main") / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 1 and "interrupted at step" in err and "Traceback" not in err, err
-    step = int(err.split("interrupted at step ")[1].split(";")[0])
-    from lmops.checkpoint import Checkpoint
-
-    assert Checkpoint(workspace.run_dir("main")).meta["step"] == step >= 3
-    done = lmops("train", "-w", str(workspace.root), *sets[:-2], "--set", f"train.max_steps={step + 2}", "--resume",
-                 "--no-progress")
-    assert f"resuming main at step {step}" in done.stderr
-    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 2
-
-
-def test_keys_are_shown_once_and_stored_as_hashes(workspace):
-    w = ["-w", str(workspace.root)]
-    made = lmops("keys", "create", "frontend", "--role", "deployer", *w)
-    secret = made.stdout.strip()
-    assert secret.startswith("lmk_") and len(secret) > 40 and secret not in made.stderr
-    listed = lmops("keys", "list", *w)
-    assert "frontend" in listed.stderr and secret not in listed.stdout + listed.stderr
-    assert not any(secret.encode() in f.read_bytes() for f in workspace.state.glob("lmops.db*"))  # incl. the WAL
-    lmops("keys", "revoke", secret[:12], *w)
-    from lmops.store import Store
-
-    with Store.for_workspace(workspace) as store:
-        assert store.keys.verify(secret) is None
-    bad = lmops("keys", "create", "x", "--role", "root", *w, check=False)
-    assert bad.returncode == 1 and "inference, deployer, admin" in bad.stderr
-
-
-def test_version_module_entry_point_and_completion():
-    from importlib.metadata import version
-
-    out = subprocess.run([sys.executable, "-m", "lmops", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == f"lmops {version('lmops')}"
-    helped = subprocess.run([sys.executable, "-m", "lmops", "--help"], capture_output=True, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    assert "--install-completion" in helped.stdout and "quickstart" in helped.stdout
+    assert "hash chain verified" in cli("audit", "verify")
 
 
 def test_init_of_a_folder_that_cannot_be_written(tmp_path):
@@ -209,37 +141,35 @@ def test_init_of_a_folder_that_cannot_be_written(tmp_path):
     assert proc.returncode == 1 and "cannot create a workspace" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_model_commands_default_to_the_champion_else_the_latest_run(workspace, tiny_sets, tmp_path):
-    w = ["-w", str(workspace.root)]
-    none = lmops("generate", "x", *w, check=False)
-    assert none.returncode == 1 and "no trained run" in none.stderr and "lmops train" in none.stderr
+def test_model_commands_default_to_the_champion_else_the_latest_run(workspace, tiny_sets, tmp_path, cli):
+    none = cli("generate", "x", code=1)
+    assert "no trained run" in none and "lmops train" in none
     sets = [a for item in tiny_sets for a in ("--set", item)]
-    lmops("train", *w, *sets, "-r", "first", "--no-progress")
-    assert "sampling from run first" in lmops("generate", "The", "--max-tokens", "4", *w).stderr
-    missing = lmops("export", str(tmp_path / "hf"), "-r", "main", *w, check=False)
-    assert missing.returncode == 1 and "no trained run 'main'" in missing.stderr and "runs: first" in missing.stderr
-    lmops("evaluate", *w, "--set", "evaluate.max_new_tokens=4")
-    lmops("register", *w)
-    lmops("promote", *w)
-    lmops("train", *w, *sets, "-r", "second", "--no-progress")  # newer than the champion's run
-    assert "sampling from lmops-model v1 (champion)" in lmops("generate", "The", "--max-tokens", "4", *w).stderr
-    assert "exported lmops-model v1 (champion)" in lmops("export", str(tmp_path / "hf"), *w).stderr
+    cli("train", *sets, "-r", "first", "--no-progress")
+    assert "sampling from run first" in cli("generate", "The", "--max-tokens", "4")
+    missing = cli("export", str(tmp_path / "hf"), "-r", "main", code=1)
+    assert "no trained run 'main'" in missing and "runs: first" in missing
+    cli("evaluate", "--set", "evaluate.max_new_tokens=4")
+    cli("register")
+    cli("promote")
+    cli("train", *sets, "-r", "second", "--no-progress")  # newer than the champion's run
+    assert "sampling from lmops-model v1 (champion)" in cli("generate", "The", "--max-tokens", "4")
+    assert "exported lmops-model v1 (champion)" in cli("export", str(tmp_path / "hf"))
 
 
-def test_train_records_its_dataset_and_data_gates_show_in_data_list(workspace, tiny_sets):
+def test_train_records_its_dataset_and_data_gates_show_in_data_list(workspace, tiny_sets, cli):
     import json
 
-    w = ["-w", str(workspace.root)]
     sets = [a for item in tiny_sets for a in ("--set", item)]
-    lmops("train", *w, *sets, "--no-progress")
+    cli("train", *sets, "--no-progress")
     info = json.loads((workspace.run_dir("main") / "run.json").read_text())
-    listed = lmops("data", "list", *w).stderr
+    listed = cli("data", "list")
     assert info["dataset"][:12] in listed and "passed" in listed
-    again = lmops("train", *w, *sets, "--no-progress")
-    assert "ingest    cached" in again.stderr and "tokenize  cached" in again.stderr, "unchanged corpus: no new ingest"
+    again = cli("train", *sets, "--no-progress")
+    assert "ingest    cached" in again and "tokenize  cached" in again, "unchanged corpus: no new ingest"
     (workspace.root / "corpus" / "docs.txt").write_text("Only a short text now, on one side of the split.\n")
-    refused = lmops("train", *w, *sets, "--no-progress", check=False)
-    side = re.search(r"no (training|validation) documents of 1", refused.stderr)  # one document: one side only
-    assert refused.returncode == 1 and side and "Traceback" not in refused.stderr, refused.stderr
-    assert "run `lmops train` again" in refused.stderr
-    assert f"FAILED ({side[0]}" in lmops("data", "list", *w).stderr
+    refused = cli("train", *sets, "--no-progress", code=1)
+    side = re.search(r"no (training|validation) documents of 1", refused)  # one document: one side only
+    assert side and "Traceback" not in refused, refused
+    assert "run `lmops train` again" in refused
+    assert f"FAILED ({side[0]}" in cli("data", "list")

@@ -1,7 +1,7 @@
 """The server's part in monitoring: scheduled monitor runs and the drift gauges.
 
 - Every monitor.interval_s the server runs `lmops monitor run` on what it serves (its endpoint, or its
-  model) as a child process at low priority (nice 10, one thread): the run's forward passes and
+  model) as a child process at low priority (nice 19, one thread): the run's forward passes and
   statistics then never hold the server's event loop or its GIL, and the kernel gives the serving
   threads the cores first. With several replicas on one store, a replica skips its turn when a run of
   the last interval is already in the store, so the fleet makes about one run per interval.
@@ -91,7 +91,7 @@ class Monitoring:
     async def run_once(self) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         proc = await asyncio.create_subprocess_exec(*self.command(), env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.nice(10))
+                                                    stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.nice(19))
         try:
             _, err = await proc.communicate()
         except asyncio.CancelledError:  # the server is stopping: so is its run
