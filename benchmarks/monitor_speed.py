@@ -139,10 +139,10 @@ def fill(store: Store, dep, held: list[str], n: int) -> None:
     store.requests.log(rows)
 
 
-def speed(ws, cfg, held, models, n: int, rounds: int) -> list[dict]:
+def speed(ws, cfg, held, models, n: int, rounds: int, tag: int = 0) -> list[dict]:
     out = []
     for name, folder in models.items():
-        store = Store.for_workspace(ws, override(cfg, [f"store.database_url=sqlite:///{folder / 'log.db'}"]))
+        store = Store.for_workspace(ws, override(cfg, [f"store.database_url=sqlite:///{folder / f'log{tag}.db'}"]))
         store.endpoints.create("bench", "bench")
         dep = resolve_deployment(ws, cfg, "bench", "blue", str(folder))
         store.endpoints.deploy(dep, "bench", traffic=100)
@@ -225,7 +225,7 @@ def main() -> None:
               f"(false_alarm_rate {cfg.monitor.false_alarm_rate} per run)")
         ev = None
         for rnd in range(2 if args.evidently_python else 1):  # alternate: lmops, evidently, lmops, evidently
-            for r in speed(ws, cfg, held, models, args.requests, args.rounds):
+            for r in speed(ws, cfg, held, models, args.requests, args.rounds, rnd):
                 print(f"[round {rnd + 1}] lmops monitor run, {r['model']} model: {r['requests']} requests, {r['signals']} "
                       f"signals, median {r['median_s']:.2f} s (runs {', '.join(f'{x:.2f}' for x in r['all_s'])}); "
                       f"text signals on {r['text_sample']} prompts, model signals on {r['model_sample']} "
