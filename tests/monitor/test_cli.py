@@ -67,3 +67,27 @@ def test_clear_errors(monitor_cli):
     assert "--window" in cli("monitor", "run", "--window", "soon", code=1)
     assert "no monitor results yet" in cli("monitor", "show")
     assert "no alerts" in cli("monitor", "alerts")
+
+
+def test_the_default_reference_is_found_through_lineage(workspace, tiny_sets, cli):
+    """A registered version trained by lmops: its dataset's validation split, with nothing set up."""
+    sets = [a for item in tiny_sets for a in ("--set", item)]
+    cli("train", *sets, "--no-progress")
+    cli("evaluate", "--set", "evaluate.max_new_tokens=4")
+    cli("register")
+    cli("endpoint", "create", "chat")
+    cli("deploy", "blue", "--endpoint", "chat", "--model", "lmops-model@1")
+    from lmops.store import Store
+
+    text = (workspace.root / "corpus" / "docs.txt").read_text()
+    lines = [ln for ln in text.splitlines() if ln.strip()][-300:]
+    with Store.for_workspace(workspace) as store:
+        store.requests.log([dict(request_id=f"r{i}", route="/v1/completions", endpoint="chat", deployment="blue",
+                                 model_version="1", status_code=200, prompt=p, completion=p[:20], completion_tokens=5)
+                            for i, p in enumerate(lines)])
+    out = cli("monitor", "run", "--set", "monitor.min_requests=20", "--set", "monitor.sample=32")
+    assert "chat/blue: 300 requests" in out and "prompt_nll" in out
+    dataset = cli("data", "list").split()  # the run's dataset version is the reference
+    assert "validation split" in out and any(w[:12] in out for w in dataset if len(w) >= 12)
+    watched = cli("monitor", "watch", "--endpoint", "chat", "--runs", "2", "--interval", "0.1s")
+    assert "run 1:" in watched and "run 2:" in watched
