@@ -285,6 +285,7 @@ class Job:
     pushes_only: bool = False  # not on pull requests
     one_at_a_time: bool = False
     timeout_minutes: int | None = None
+    scheduled: bool = False  # runs on the schedule (and workflow_dispatch) only; the others never on it
 
 
 FROM_BUILD = (("LMOPS_VERSION", JobOutput("build", "report", "version")),
@@ -307,6 +308,17 @@ JOBS = (
 )
 
 
+MONITOR_CRON = "17 * * * *"  # hourly, off the hour (GitHub delays runs scheduled at :00 most)
+MONITOR_DIR = "lmops-monitor"
+MONITOR = Run("monitor", "Monitor production (drift, quality, feedback; exit 3 on an alert)", f"""
+mkdir -p {MONITOR_DIR}
+lmops monitor run --endpoint {PRODUCTION} --window 1h --fail-on-alert | tee {MONITOR_DIR}/monitor.txt
+""")
+# Not in JOBS: the push path (and stage_runs, which the step-runner test executes) stays as it was.
+MONITOR_JOB = Job("monitor", "scheduled monitor of production", (INSTALL, MONITOR, Publish("lmops-monitor", MONITOR_DIR)),
+                  secrets=True, one_at_a_time=True, timeout_minutes=60, scheduled=True)
+
+
 def stage_runs() -> list[Run]:
     """Every shell step in the order the jobs run them (the install of each job included)."""
     return [s for job in JOBS for s in job.steps if isinstance(s, Run)]
@@ -327,12 +339,16 @@ def _github_value(src: Source) -> str:
 def github_workflow(install: str | None = None, branch: str = BRANCH) -> dict:
     """The workflow as data (dump it with to_yaml)."""
     jobs: dict[str, Any] = {}
-    for job in JOBS:
+    for job in (*JOBS, MONITOR_JOB):
         j: dict[str, Any] = {"name": job.title}
         if job.needs:
             j["needs"] = list(job.needs) if len(job.needs) > 1 else job.needs[0]
-        if job.pushes_only:
-            j["if"] = "github.event_name != 'pull_request'"
+        if job.scheduled:
+            j["if"] = "github.event_name == 'schedule' || github.event_name == 'workflow_dispatch'"
+        elif job.pushes_only:
+            j["if"] = "github.event_name != 'pull_request' && github.event_name != 'schedule'"
+        elif not job.needs:  # the jobs that need it are skipped with it
+            j["if"] = "github.event_name != 'schedule'"
         j["runs-on"] = "ubuntu-latest"
         if job.environment:
             j["environment"] = job.environment
@@ -354,7 +370,8 @@ def github_workflow(install: str | None = None, branch: str = BRANCH) -> dict:
         jobs[job.id] = j
     return {
         "name": "lmops",
-        "on": {"push": {"branches": [branch]}, "pull_request": {"branches": [branch]}, "workflow_dispatch": {}},
+        "on": {"push": {"branches": [branch]}, "pull_request": {"branches": [branch]}, "workflow_dispatch": {},
+               "schedule": [{"cron": MONITOR_CRON}]},
         "permissions": {"contents": "read"},
         "defaults": {"run": {"shell": "bash"}},
         "env": {
@@ -408,7 +425,7 @@ def _azure_value(src: Source) -> str:
 def azure_pipeline(install: str | None = None, branch: str = BRANCH) -> dict:
     """The pipeline as data (dump it with to_yaml)."""
     stages = []
-    for job in JOBS:
+    for job in (*JOBS, MONITOR_JOB):
         steps = [*_azure_setup(job), *(_azure_step(s, job) for s in job.steps)]
         if job.environment:
             body: dict[str, Any] = {"deployment": job.id, "displayName": job.title, "environment": job.environment}
@@ -425,8 +442,15 @@ def azure_pipeline(install: str | None = None, branch: str = BRANCH) -> dict:
         stage: dict[str, Any] = {"stage": job.id, "displayName": job.title}
         if job.needs:
             stage["dependsOn"] = list(job.needs)
-        if job.pushes_only:
-            stage["condition"] = "and(succeeded(), ne(variables['Build.Reason'], 'PullRequest'))"
+        elif job.scheduled:
+            stage["dependsOn"] = []  # not after the previous stage
+        if job.scheduled:
+            stage["condition"] = "eq(variables['Build.Reason'], 'Schedule')"
+        elif job.pushes_only:
+            stage["condition"] = ("and(succeeded(), ne(variables['Build.Reason'], 'PullRequest'), "
+                                  "ne(variables['Build.Reason'], 'Schedule'))")
+        elif not job.needs:
+            stage["condition"] = "and(succeeded(), ne(variables['Build.Reason'], 'Schedule'))"
         stage["jobs"] = [body]
         stages.append(stage)
     variables: list[dict[str, str]] = [
@@ -445,6 +469,8 @@ def azure_pipeline(install: str | None = None, branch: str = BRANCH) -> dict:
     return {
         "trigger": {"batch": "true", "branches": {"include": [branch]}},
         "pr": {"branches": {"include": [branch]}},
+        "schedules": [{"cron": MONITOR_CRON, "displayName": "monitor production", "branches": {"include": [branch]},
+                       "always": "true"}],
         "pool": {"vmImage": "ubuntu-latest"},
         "variables": variables,
         "stages": stages,

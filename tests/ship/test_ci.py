@@ -149,14 +149,14 @@ def test_the_stages_are_in_order_and_both_systems_run_the_same_shell(tmp_path):
     out = generated(tmp_path)
     gh, az = load(out / ci.FILES["github"]), load(out / ci.FILES["azure"])
     assert scripts_github(gh) == scripts_azure(az), "the shell of a stage drifted between the two systems"
-    expected = {job.id: [r.text() for r in job.steps if isinstance(r, ci.Run)] for job in ci.JOBS}
+    expected = {job.id: [r.text() for r in job.steps if isinstance(r, ci.Run)] for job in (*ci.JOBS, ci.MONITOR_JOB)}
     assert scripts_github(gh) == expected
     stages = [r.stage for r in ci.stage_runs() if r.stage != "install"]
     assert list(dict.fromkeys(stages)) == [s for s in ci.STAGES if s != "approval"]
     assert all(text.startswith("set -euo pipefail\n") for texts in expected.values() for text in texts)
     # the approval: the production job waits on its environment, in both files
     assert gh["jobs"]["production"]["environment"] == "production"
-    assert az["stages"][-1]["jobs"][0]["environment"] == "production"
+    assert next(s for s in az["stages"] if s["stage"] == "production")["jobs"][0]["environment"] == "production"
     assert gh["jobs"]["production"]["needs"] == ["build", "staging"]
     assert "lmops rollout start production --to \"$LMOPS_DEPLOYMENT\" --wait" in expected["production"][-1]
 
@@ -412,7 +412,11 @@ ACTIONS = {
 }
 CONTEXT = {"github.event_name": "push", "github.actor": "octocat", "github.server_url": "https://github.com",
            "github.repository": "acme/lm", "github.run_id": "42", "github.sha": "0123abcd"}
-CONDITIONS = {"github.event_name != 'pull_request'": True}
+CONDITIONS = {  # as on a push; an expression not listed fails the test
+    "github.event_name != 'pull_request' && github.event_name != 'schedule'": True,
+    "github.event_name != 'schedule'": True,
+    "github.event_name == 'schedule' || github.event_name == 'workflow_dispatch'": False,  # the monitor job
+}
 
 
 class GitHubRun:
@@ -453,8 +457,8 @@ class GitHubRun:
     def run(self) -> None:
         env0 = {k: self.resolve(v, {}) for k, v in (self.wf.get("env") or {}).items()}
         for jid, job in self.wf["jobs"].items():
-            if "if" in job:
-                assert CONDITIONS[job["if"]], job["if"]
+            if "if" in job and not CONDITIONS[job["if"]]:
+                continue  # not on a push
             if jid in self.before_job:
                 self.before_job[jid]()
             steps: dict[str, dict[str, str]] = {}
@@ -632,3 +636,35 @@ def test_the_generated_steps_take_a_fresh_workspace_from_its_corpus_to_a_product
                for e in audit if e.actor == "github-actions:octocat" and e.action.startswith("endpoint."))
     assert {d for code, d in served if code == 200} == {"seed", "v1"} and {code for code, _ in served} == {200}
     print(f"\n{len(gh.ran)} steps in {took:.0f} s: " + ", ".join(f"{n} {s:.1f} s" for _, n, s in gh.ran))
+
+
+def test_the_scheduled_monitor_job_runs_only_on_the_schedule_in_both_files(tmp_path):
+    """The monitor job: in both files, on the hourly schedule (and a manual run), never on a push or pull
+    request; on the schedule nothing of the push path runs. The schema test above covers its syntax."""
+    out = generated(tmp_path)
+    gh, az = load(out / ci.FILES["github"]), load(out / ci.FILES["azure"])
+    on = gh.get("on", gh.get(True))  # YAML 1.1 reads the key `on` as True
+    assert on["schedule"] == [{"cron": ci.MONITOR_CRON}] and "push" in on
+    job = gh["jobs"]["monitor"]
+    assert job["if"] == "github.event_name == 'schedule' || github.event_name == 'workflow_dispatch'"
+    assert "needs" not in job and "environment" not in job
+    assert {s.env for s in ci.SECRETS} <= set(job["env"])
+    runs = [s["run"] for s in job["steps"] if "run" in s]
+    assert any("lmops monitor run --endpoint production" in r and "--fail-on-alert" in r for r in runs)
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") and s["with"]["path"] == "lmops-monitor/"
+               for s in job["steps"])
+    for name, other in gh["jobs"].items():  # on a schedule: only the monitor (the rest need test or build)
+        if name != "monitor" and "needs" not in other:
+            assert "github.event_name != 'schedule'" in other["if"], name
+
+    assert [s["cron"] for s in az["schedules"]] == [ci.MONITOR_CRON]
+    stages = {s["stage"]: s for s in az["stages"]}
+    assert stages["monitor"]["condition"] == "eq(variables['Build.Reason'], 'Schedule')"
+    assert stages["monitor"]["dependsOn"] == []
+    for name, stage in stages.items():
+        if name != "monitor" and not stage.get("dependsOn"):
+            assert "ne(variables['Build.Reason'], 'Schedule')" in stage["condition"], name
+    steps = stages["monitor"]["jobs"][0]["steps"]
+    script = next(s for s in steps if "lmops monitor run" in s.get("script", ""))
+    assert "--fail-on-alert" in script["script"] and {s.env for s in ci.SECRETS} <= set(script["env"])
+    assert any(s.get("publish") == "lmops-monitor" for s in steps)
