@@ -125,13 +125,25 @@ def endpoint_compare(name: EndpointArg,
     with store:
         store.endpoints.get(name)
         scores = store.scores.list(name, since=utcnow() - window)
+        feedback = store.feedback.list(endpoint=name, since=utcnow() - window)
+        served = [r.deployment for r in store.requests.rows(since=utcnow() - window, endpoint=name,
+                                                            columns=("deployment",))] if feedback else []
+
+    def cell(x, spec=".3f"):
+        return "" if x is None else str(x) if not isinstance(x, float) else format(x, spec)
+
+    if feedback:  # POST /v1/feedback: users' scores (0..1) of the deployments' completions
+        from lmops.deploy.compare import summarise_feedback
+
+        ft = Table("deployment", "feedback", "requests", "per request", "mean score",
+                   title=f"{name} feedback, last {since} (mean ± 95% interval)", title_justify="left")
+        for f in summarise_feedback(feedback, served):
+            ft.add_row(f.deployment or "-", str(f.feedback), str(f.requests), cell(f.rate, ".1%"), cell(f.score))
+        console.print(ft)
     if not scores:
         log(f"no scored answers on {name} in the last {since}: answers are scored when the server serves the "
             "endpoint (shadow pairs when a deployment is mirrored: lmops traffic set E ... --mirror NAME=20)")
         return
-
-    def cell(x, spec=".3f"):
-        return "" if x is None else str(x) if not isinstance(x, float) else format(x, spec)
 
     table = Table("deployment", "rows", "live", "shadow pairs", "prompt_nll", "answer_nll", "answer_nll vs live",
                   "flagged", "latency s", "agreement", title=f"{name}, last {since} (means ± 95% interval)",

@@ -109,3 +109,32 @@ def summarise(scores: Iterable[Any]) -> list[DeploymentSummary]:
             errors=sum(1 for r in mine if r.error),
         ))
     return out
+
+
+@dataclass(frozen=True)
+class FeedbackSummary:
+    deployment: str
+    feedback: int  # feedback rows on its requests
+    requests: int  # requests it answered in the window
+    rate: float | None  # feedback per request (None: no requests)
+    score: Interval | None  # mean score (0..1) with its interval
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def summarise_feedback(feedback: Iterable[Any], request_deployments: Iterable[str | None]) -> list[FeedbackSummary]:
+    """Per deployment (by name): feedback rows (store.feedback) and requests of the same window (the
+    deployment of each request_log row); deployments with neither are left out."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for f in feedback:
+        scores[f.deployment or ""].append(float(f.score))
+    requests: dict[str, int] = defaultdict(int)
+    for d in request_deployments:
+        requests[d or ""] += 1
+    return [FeedbackSummary(name, len(scores.get(name, [])), requests.get(name, 0),
+                            len(scores.get(name, [])) / requests[name] if requests.get(name) else None,
+                            mean_ci(scores.get(name, [])))
+            for name in sorted(scores.keys() | requests.keys())]

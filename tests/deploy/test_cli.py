@@ -149,3 +149,14 @@ def test_commands_are_on_the_installed_lmops(chat):
     out = subprocess.run([sys.executable, "-m", "lmops", "endpoint", "list", "-w", str(chat.root)],
                          capture_output=True, text=True, check=True)
     assert "chat" in out.stdout + out.stderr
+
+
+def test_compare_shows_feedback_per_deployment(cli, chat):
+    with store_of(chat) as store:
+        now = utcnow()
+        traffic(store, "blue", now - timedelta(minutes=5), now, 20, prompt_nll=2.0)
+        traffic(store, "green", now - timedelta(minutes=5), now, 20, prompt_nll=4.0)
+        for deployment, score in (("blue", 1.0), ("blue", 0.0), ("green", 1.0)):
+            store.feedback.add({"request_id": "r", "endpoint": "chat", "deployment": deployment, "score": score})
+    out = cli("endpoint", "compare", "chat", "--since", "1h")
+    assert "chat feedback" in out and "10.0%" in out and "5.0%" in out and "0.500 ± " in out and "1.000" in out

@@ -39,3 +39,16 @@ def test_durations():
     for bad in ("", "0s", "-1m", "1w", "soon"):
         with pytest.raises(LmopsError, match="positive number with a unit"):
             parse_duration(bad)
+
+
+def test_feedback_per_deployment():
+    from lmops.deploy.compare import summarise_feedback
+
+    fb = [SimpleNamespace(deployment="blue", score=s) for s in (1.0, 0.0, 1.0, 1.0)]
+    fb.append(SimpleNamespace(deployment="green", score=0.5))
+    blue, green, red = summarise_feedback(fb, ["blue"] * 8 + ["green"] * 2 + ["red"])
+    assert (blue.feedback, blue.requests, blue.rate) == (4, 8, 0.5)
+    assert blue.score.mean == pytest.approx(0.75) and blue.score.low < 0.75 < blue.score.high
+    assert (green.feedback, green.rate, green.score.mean, green.score.low) == (1, 0.5, 0.5, None)
+    assert (red.feedback, red.rate, red.score) == (0, 0.0, None)
+    assert str(blue.score).startswith("0.750 ± ")
