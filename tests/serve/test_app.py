@@ -646,7 +646,7 @@ def test_openapi_schema_fuzz_finds_no_server_error(env):
     schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
     headers = bearer(env.keys["inference"])
     ops = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in ops} == {"/v1/models", "/v1/completions", "/v1/chat/completions"}
+    assert {op.path for op in ops} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/feedback"}
     statuses: list[int] = []
     for op in ops:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
