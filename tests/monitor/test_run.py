@@ -57,8 +57,12 @@ def test_in_distribution_traffic_raises_no_drift_alert_and_every_signal_is_measu
     now = utcnow()
     log(lines[:120], now - timedelta(hours=2), 3000)  # the answers' reference: the log before the window
     log(lines[120:240], now - timedelta(minutes=50), 2900)
+    for i, score in enumerate([1.0, 0.0, 1.0, 0.5]):  # as POST /v1/feedback stores them
+        store.feedback.add({"ts": now - timedelta(minutes=40), "request_id": f"r{i}", "endpoint": "chat",
+                            "deployment": "blue", "score": score})
     group, by = _by(run(ws, cfg, store, "chat", until=now))
     assert group.requests == 120
+    assert by["feedback_rate"].value == pytest.approx(4 / 120) and by["feedback_score"].value == pytest.approx(0.625)
     missing = {"prompt_nll", "embedding_mmd", "embedding_auc", "answer_length", "answer_logprob",
                "request_rate", "error_rate", "ttft_p95_s", "feedback_rate"} - set(by)
     assert not missing, group.notes
