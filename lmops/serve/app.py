@@ -619,14 +619,14 @@ def create_app(cfg: Config, source: ModelSource | None, store=None, *, auth: boo
                           "schema": {"type": "string"}}}}}
     app.post("/v1/completions", responses={**streamed, **inference_errors})(completions)
     app.post("/v1/chat/completions", responses={**streamed, **inference_errors})(chat_completions)
-    app.openapi = lambda: _openapi(app)
-
-    app.add_middleware(BodyLimit, max_bytes=cfg.serve.max_body_bytes, on_error=count)
-    if logger is not None:
     if store is not None:  # POST /v1/feedback: users' scores of completions (feedback.py)
         from lmops.serve.feedback import install as install_feedback
 
         install_feedback(app, server, store, logger, inference)
+    app.openapi = lambda: _openapi(app)
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.serve.max_body_bytes, on_error=count)
+    if logger is not None:
         # outermost: a 413 is logged too
         app.add_middleware(RequestLog, write=logger.log, durable=logger.log_durably if journal_dir else None)
     return app
