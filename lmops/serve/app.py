@@ -572,6 +572,10 @@ def create_app(cfg: Config, source: ModelSource | None, store=None, *, auth: boo
         inference, deployer = Depends(require("inference")), Depends(require("deployer"))
     else:
         inference = deployer = Depends(_open)
+    if store is not None:  # /dashboard: the store's view for a browser, signed in by a cookie (dashboard.py)
+        from lmops.serve.dashboard import install as install_dashboard
+
+        install_dashboard(app, server, store)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
