@@ -27,7 +27,11 @@ _ID = re.compile(r"^(?:cmpl-|chatcmpl-)?([0-9a-f]{1,64})$")
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # exactly one of score and thumbs, said in the schema too (clients and fuzzers read it)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["score"], "properties": {"score": {"type": "number"}}},
+        {"required": ["thumbs"], "properties": {"thumbs": {"enum": ["up", "down"]}}},
+    ]})
 
     id: str = Field(..., min_length=1, max_length=80,
                     description="The completion's id (cmpl-..., chatcmpl-...) or its request id.")

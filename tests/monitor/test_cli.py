@@ -44,7 +44,7 @@ def monitor_cli(corpus_model, tmp_path, monkeypatch):
     store.close()
 
 
-def test_run_show_and_alerts(monitor_cli):
+def test_run_show_and_alerts(monitor_cli, tmp_path):
     cli, log, lines = monitor_cli
     log(lines[:100], 120)
     log(lines[100:200], 30)
@@ -58,6 +58,9 @@ def test_run_show_and_alerts(monitor_cli):
     assert shown.count("chat/blue") == 2 and "ALERT" in shown
     alerts = cli("monitor", "alerts")
     assert "prompt_nll" in alerts and "above its threshold" in alerts and "no webhook" in alerts
+    plotted = cli("monitor", "show", "--plot", str(tmp_path / "drift.html"))
+    page = (tmp_path / "drift.html").read_text()
+    assert "wrote" in plotted and page.count("<svg") >= 8 and "prompt_nll" in page
 
 
 def test_clear_errors(monitor_cli):
