@@ -203,7 +203,7 @@ class _Frame:
             lo, hi = lo - pad, hi + pad
         else:
             pad = (hi - lo) * 0.08
-            lo, hi = lo - pad, hi + pad
+            lo, hi = (lo if lo == 0 else lo - pad), hi + pad  # counts start at 0, not below
         self.lo, self.hi = lo, hi
         self.times = times
 
