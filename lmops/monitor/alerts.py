@@ -36,14 +36,14 @@ def message(group, r) -> str:
 
 def record(store: Store, cfg: Config, report: Report, actor: str) -> list[Alert]:
     """The report's new alerts in the store and the audit log; those raised within repeat_s skipped."""
-    recent = store.alerts.list(1000, since=report.at - timedelta(seconds=cfg.monitor.repeat_s)) \
+    recent = store.alerts.list(1000, since=report.until - timedelta(seconds=cfg.monitor.repeat_s)) \
         if cfg.monitor.repeat_s else []
     raised = {(a.endpoint, a.deployment, a.signal) for a in recent}
     out = []
     for group, r in report.alerts:
         if (group.endpoint, group.deployment, r.signal) in raised:
             continue
-        alert = store.alerts.add({"ts": report.at, "run_id": report.run_id, "endpoint": group.endpoint,
+        alert = store.alerts.add({"ts": report.until, "run_id": report.run_id, "endpoint": group.endpoint,
                                   "deployment": group.deployment, "signal": r.signal, "value": r.value,
                                   "threshold": r.threshold, "rule": r.rule, "message": message(group, r)})
         subject = f"endpoint:{group.endpoint}" if group.endpoint else f"model:{group.model_version}"
@@ -69,7 +69,7 @@ def deliver(store: Store, cfg: Config, sleep=time.sleep) -> tuple[int, int]:
     pending = store.alerts.list(1000, undelivered=True)[::-1]
     delivered = 0
     with httpx.Client(timeout=cfg.monitor.webhook_timeout_s) as http:
-        for i, a in enumerate(pending):
+        for a in pending:
             error = None
             for attempt in range(cfg.monitor.webhook_retries + 1):
                 if attempt:

@@ -90,7 +90,6 @@ class GroupReport:
 @dataclass
 class Report:
     run_id: str
-    at: datetime
     since: datetime
     until: datetime
     groups: list[GroupReport]
@@ -401,9 +400,9 @@ def monitor_group(ws, cfg: Config, store: Store, t: Target, rows: list, since: d
     seconds = (until - since).total_seconds()
     results: list[Result] = []
     notes: list[str] = []
-    ops = operations(rows, seconds)
-    for name, value in ops.items():
-        details = {"status": _status_counts(rows)} if name in ("error_rate", "client_error_rate") else {}
+    statuses = _status_counts(rows)
+    for name, value in operations(rows, seconds).items():
+        details = {"status": statuses} if name in ("error_rate", "client_error_rate") else {}
         results.append(Result(name, value, None, None, None, len(rows), details=details))
     if t.endpoint is not None:
         fb = [f for f in store.feedback.list(t.endpoint, since=since, until=until) if f.deployment == t.deployment]
@@ -412,11 +411,15 @@ def monitor_group(ws, cfg: Config, store: Store, t: Target, rows: list, since: d
                               n_window=len(fb)))
     answered = [r for r in rows if r.status_code < 400 and r.prompt]
     reference = None
+
+    def sample(items: list, n: int) -> list:
+        """At most n of items, drawn without replacement: features are computed for no more than are compared."""
+        return [items[i] for i in rng.choice(len(items), n, replace=False)] if len(items) > n else items
+
     if answered and wanted & {s for s, v in SIGNALS.items() if v.kind in ("prompts", "embeddings", "answers")}:
         served = models.get(t.source, t.version)
-        tok = served.tokenizer
-        # the reference prompts
-        ref_texts, reference = None, None
+        tok, model = served.tokenizer, served.model
+        ref_texts = None
         if mc.reference != "log":
             found = training_prompts(ws, cfg, t, mc.reference_size, rng)
             if found is None:
@@ -428,43 +431,39 @@ def monitor_group(ws, cfg: Config, store: Store, t: Target, rows: list, since: d
         if ref_texts is None:
             ref_texts = [r.prompt for r in history if r.status_code < 400 and r.prompt]
             reference = f"the log before the window ({len(ref_texts)} prompts)"
+        wf = None  # the window's model features: for the model signals and the answers' confidence
+        if wanted & {"prompt_nll", "embedding_mmd", "embedding_auc", "answer_logprob"}:
+            if progress:
+                progress(f"{t.deployment or t.source}: model signals")
+            win = sample(answered, mc.sample)
+            wf = F.model_features(model, tok, [r.prompt for r in win], [r.completion for r in win],
+                                  max_tokens=mc.max_tokens)
         if len(ref_texts) < 2 * mc.min_requests:
-            notes.append(f"reference too small ({len(ref_texts)} prompts, {2 * mc.min_requests} needed): drift "
-                         "not measured")
+            notes.append(f"reference too small ({len(ref_texts)} prompts, {2 * mc.min_requests} needed): prompt "
+                         "drift not measured")
         else:
             if progress:
                 progress(f"{t.deployment or t.source}: prompts")
-            m = min(len(answered), len(ref_texts) // 2)  # the window's sample: features of no more than that
-            sample = [answered[i] for i in rng.choice(len(answered), m, replace=False)] if len(answered) > m else answered
             results += prompt_signals(F.prompt_features(ref_texts, tok), F.prompt_features(
-                [r.prompt for r in sample], tok), cfg, rng, reference)
-            if wanted & {"prompt_nll", "embedding_mmd", "embedding_auc", "answer_logprob"}:
-                if progress:
-                    progress(f"{t.deployment or t.source}: model signals")
-                s = mc.sample
-                ref_pick = rng.choice(len(ref_texts), min(len(ref_texts), 2 * s), replace=False)
-                win_pick = rng.choice(len(answered), min(len(answered), s), replace=False)
-                model = served.model
-                rf = F.model_features(model, tok, [ref_texts[i] for i in ref_pick], max_tokens=mc.max_tokens)
-                wf = F.model_features(model, tok, [answered[i].prompt for i in win_pick],
-                                      [answered[i].completion for i in win_pick], max_tokens=mc.max_tokens)
+                [r.prompt for r in sample(answered, len(ref_texts) // 2)], tok), cfg, rng, reference)
+            if wf is not None:
+                rf = F.model_features(model, tok, sample(ref_texts, 2 * mc.sample), max_tokens=mc.max_tokens)
                 results += model_signals(rf, wf, cfg, rng, reference)
-                ref_conf, win_conf = None, wf.answer_logprob
-                past = [r for r in history if r.status_code < 400 and r.prompt and r.completion]
-                if past:
-                    pick = rng.choice(len(past), min(len(past), 2 * s), replace=False)
-                    ref_conf = F.model_features(model, tok, [past[i].prompt for i in pick],
-                                                [past[i].completion for i in pick],
-                                                max_tokens=mc.max_tokens).answer_logprob
-            else:
-                ref_conf = win_conf = None
-            past = [r for r in history if r.status_code < 400]
-            if len(past) >= 2 * mc.min_requests:
-                results += answer_signals(F.answer_features(past), F.answer_features(answered), ref_conf, win_conf, cfg,
-                                          rng, f"the log before the window ({len(past)} answers)")
-            else:
-                notes.append(f"{len(past)} answers before the window ({2 * mc.min_requests} needed): answer drift "
-                             "not measured")
+        # answers: compared with the deployment's own earlier answers, whatever the prompts' reference
+        past = [r for r in history if r.status_code < 400]
+        if len(past) >= 2 * mc.min_requests:
+            ref_conf = win_conf = None
+            said = [r for r in past if r.prompt and r.completion]
+            if wf is not None and said:
+                said = sample(said, 2 * mc.sample)
+                ref_conf = F.model_features(model, tok, [r.prompt for r in said], [r.completion for r in said],
+                                            max_tokens=mc.max_tokens).answer_logprob
+                win_conf = wf.answer_logprob
+            results += answer_signals(F.answer_features(past), F.answer_features(sample(answered, len(past) // 2)),
+                                      ref_conf, win_conf, cfg, rng, f"the log before the window ({len(past)} answers)")
+        else:
+            notes.append(f"{len(past)} answers before the window ({2 * mc.min_requests} needed): answer drift "
+                         "not measured")
     elif not answered:
         notes.append("no answered prompts in the window")
     results = [r for r in results if r.signal in wanted]
@@ -500,7 +499,7 @@ def run(ws, cfg: Config, store: Store, endpoint: str | None = None, model: str |
     rows = store.requests.rows(since=since, until=until, endpoint=endpoint, columns=COLUMNS)
     groups = [monitor_group(ws, cfg, store, t, _rows_of(rows, t), since, until, models, progress)
               for t in targets(ws, cfg, store, endpoint, model)]
-    report = Report(uuid.uuid4().hex, until, since, until, groups, time.perf_counter() - started)
+    report = Report(uuid.uuid4().hex, since, until, groups, time.perf_counter() - started)
     if record:
         store.monitor.add([
             {"run_id": report.run_id, "ts": until, "endpoint": g.endpoint, "deployment": g.deployment,

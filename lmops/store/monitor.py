@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, Index, Integer, Text, func, insert, select, update
+from sqlalchemy import JSON, BigInteger, Boolean, Double, Index, Integer, Text, insert, select, update
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from lmops.store.db import Base, UTCDateTime, utcnow
@@ -250,7 +250,3 @@ class FeedbackLog:
         q = q.order_by(FeedbackRow.ts, FeedbackRow.id).limit(limit)
         with self._sessions.begin() as s:
             return [Feedback(**{k: getattr(r, k) for k in FEEDBACK_FIELDS}) for r in s.scalars(q)]
-
-    def count(self) -> int:
-        with self._sessions.begin() as s:
-            return s.scalar(select(func.count()).select_from(FeedbackRow)) or 0

@@ -89,6 +89,17 @@ def request_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _window(query, since: datetime | None, until: datetime | None, endpoint: str | None):
+    """query restricted to requests that arrived in [since, until) (either end open), of one endpoint."""
+    if since is not None:
+        query = query.where(RequestLogRow.ts >= since)
+    if until is not None:
+        query = query.where(RequestLogRow.ts < until)
+    if endpoint is not None:
+        query = query.where(RequestLogRow.endpoint == endpoint)
+    return query
+
+
 def _record(row: RequestLogRow) -> RequestRecord:
     return RequestRecord(**{k: getattr(row, k) for k in ("id", *REQUEST_FIELDS)})
 
@@ -110,14 +121,7 @@ class RequestLog:
              columns: tuple[str, ...] = REQUEST_FIELDS, limit: int | None = None, newest: bool = False) -> list[Any]:
         """Requests of [since, until) as named tuples of `columns`, oldest first (newest first with
         newest); one Core query without ORM objects: the monitor reads 100k rows in well under a second."""
-        cols = [RequestLogRow.__table__.c[c] for c in columns]
-        query = select(*cols)
-        if since is not None:
-            query = query.where(RequestLogRow.ts >= since)
-        if until is not None:
-            query = query.where(RequestLogRow.ts < until)
-        if endpoint is not None:
-            query = query.where(RequestLogRow.endpoint == endpoint)
+        query = _window(select(*(RequestLogRow.__table__.c[c] for c in columns)), since, until, endpoint)
         key = (RequestLogRow.ts.desc(), RequestLogRow.id.desc()) if newest else (RequestLogRow.ts, RequestLogRow.id)
         query = query.order_by(*key)
         if limit is not None:
@@ -136,12 +140,7 @@ class RequestLog:
              endpoint: str | None = None) -> list[RequestRecord]:
         """Newest first; since/until: only requests that arrived in [since, until); endpoint: only those
         an lmops endpoint served."""
-        query = select(RequestLogRow).order_by(RequestLogRow.ts.desc(), RequestLogRow.id.desc()).limit(limit)
-        if since is not None:
-            query = query.where(RequestLogRow.ts >= since)
-        if until is not None:
-            query = query.where(RequestLogRow.ts < until)
-        if endpoint is not None:
-            query = query.where(RequestLogRow.endpoint == endpoint)
+        query = _window(select(RequestLogRow), since, until, endpoint)
+        query = query.order_by(RequestLogRow.ts.desc(), RequestLogRow.id.desc()).limit(limit)
         with self._sessions.begin() as s:
             return [_record(r) for r in s.scalars(query)]
