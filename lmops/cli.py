@@ -384,21 +384,41 @@ def data_ingest(
     sources: Annotated[Optional[list[str]], typer.Argument(help="Files, folders or globs (.txt .md .jsonl .csv .parquet, gzipped too); default: data.corpus.")] = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,
+    from_requests: Annotated[bool, typer.Option("--from-requests", help="Take the prompts of the request log instead (data.use_production_prompts must be true), mixed with the corpus by data.mix.")] = False,
+    endpoint: Annotated[Optional[str], typer.Option(help="With --from-requests: only this endpoint's requests (default: all).")] = None,
+    since: Annotated[Optional[str], typer.Option(help="With --from-requests: from how far back (1h, 7d) or an ISO time (default: 24h).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="With --from-requests: up to how far back or an ISO time (default: now).")] = None,
+    where: Annotated[Optional[str], typer.Option(help="With --from-requests: 'drifted' keeps only requests inside monitor runs that raised a prompt drift alert.")] = None,
 ):
     """Ingest text into a new dataset version: clean, filter, scrub PII, deduplicate, validate.
 
     Prints the validation report; exits 1 when a gate of lmops.yaml fails (data.min_documents,
     data.max_duplicate_ratio). Bad files are quarantined in .lmops/quarantine/ with the reason.
+    With --from-requests the documents are the logged prompts of a window (never one moderation
+    blocked), mixed with the corpus's dataset version, which becomes the new version's parent.
     """
     from lmops import stages
     from lmops.store import default_actor
 
+    if from_requests and sources:
+        raise LmopsError("give either sources or --from-requests, not both")
+    if not from_requests and any(x is not None for x in (endpoint, since, until, where)):
+        raise LmopsError("--endpoint, --since, --until and --where select requests: use them with --from-requests")
     ws, cfg, store = _store(workspace, set_)
     with store:
-        version = stages.ingest(ws, cfg, store, default_actor(), sources, progress=sys.stderr.isatty())
+        if from_requests:
+            from lmops.data.production import describe, ingest_requests
+
+            version = ingest_requests(ws, cfg, store, default_actor(), endpoint=endpoint, since=since, until=until,
+                                      where=where, progress=sys.stderr.isatty())
+        else:
+            version = stages.ingest(ws, cfg, store, default_actor(), sources, progress=sys.stderr.isatty())
     totals = version.manifest["totals"]
     log(f"dataset {version.short_id}: {totals['documents']} documents ({totals['train']['documents']} train, "
         f"{totals['val']['documents']} validation), {totals['chars']:,} characters -> {version.path}")
+    if from_requests:
+        for line in describe(version):
+            log(line)
     failures = stages.gate_failures(version, cfg)
     if failures:
         raise LmopsError("data gates failed: " + "; ".join(failures))
@@ -430,15 +450,19 @@ def data_list(workspace: WorkspaceOpt = None):
 @friendly
 def data_show(ref: Annotated[str, typer.Argument(help="Dataset id, unique prefix, or 'latest'.")] = "latest",
               workspace: WorkspaceOpt = None):
-    """One dataset version: its totals and the validation report it was made with."""
+    """One dataset version: its totals, the request-log window of its production prompts (if any), and
+    the validation report it was made with."""
     from lmops.data.dataset import load_dataset
     from lmops.data.ingest import render_report
+    from lmops.data.production import describe
     from lmops.workspace import find_workspace
 
     v = load_dataset(find_workspace(workspace).state, ref)
     t = v.manifest["totals"]
     log(f"dataset {v.id}\n  {v.path}\n  {t['documents']} documents ({t['train']['documents']} train, "
         f"{t['val']['documents']} validation), {t['chars']:,} characters; parent {v.manifest.get('parent') or '-'}")
+    for line in describe(v):
+        log(f"  {line}")
     console.print(render_report(v.report))
 
 

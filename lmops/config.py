@@ -102,6 +102,20 @@ class DataConfig(Section):
         description="Gate: ingest fails when more than this share of the documents were duplicates: "
         "past half, a source was most likely listed twice or a scrape looped.",
     )
+    use_production_prompts: bool = Field(
+        False,
+        description="Let `lmops data ingest --from-requests` turn the prompts of the request log into "
+        "training data. Off because users' prompts are their data: training on them needs their consent "
+        "or a data-use policy that allows it. They are PII-scrubbed by the server's moderation before "
+        "they are logged, and again by the data pipeline, but scrubbing is not perfect.",
+    )
+    mix: float = Field(
+        0.5, gt=0, lt=1,
+        description="With --from-requests: the share of the training text (and of the validation text), by "
+        "characters, that production prompts make up in the new version; the rest is the corpus, so the "
+        "model learns the new traffic without forgetting the old. 0.5: as much new text as old, so neither "
+        "dominates; raise it to follow the traffic faster, lower it when the prompts are few or repetitive.",
+    )
 
 
 class TokenizerConfig(Section):

@@ -3,10 +3,11 @@
 A version lives in out_root/datasets/<id>/: the documents as JSONL shards (shard-00000.jsonl, ...,
 about 32 MB each, one {"id", "text", "source"} record a line), manifest.json (every shard with its
 sha256, every document with its split, source and length, the totals) and report.json (what ingest
-did to get there). The id is the sha256 of the manifest without its created_at and parent: the same
+did to get there). The id is the sha256 of the manifest without its created_at, parent and lineage: the same
 documents from the same sources give the same id on any machine, and any changed document gives
-another. Lineage (parent) and time are metadata; writing a version that exists already returns the
-existing one untouched.
+another. Lineage (parent, and `lineage`: e.g. the request-log window a version of production prompts
+came from) and time are metadata; writing a version that exists already returns the existing one
+untouched.
 
 The train/validation split is decided per document by its id, never by position: adding documents
 to a corpus never moves an old document from one split to the other, so validation losses of two
@@ -21,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +36,7 @@ MANIFEST = "manifest.json"
 REPORT = "report.json"
 SHARD_BYTES = 32 << 20  # big enough to keep file counts low, small enough to stream and checksum quickly
 FORMAT = 1
-NOT_HASHED = ("id", "created_at", "parent")
+NOT_HASHED = ("id", "created_at", "parent", "lineage")
 TMP_PREFIX = ".tmp-"  # a version being written: .tmp-<pid>-<random>, renamed to its id when whole
 
 
@@ -127,9 +128,14 @@ def _close_shard(f: BinaryIO, digest: hashlib._Hash, entry: dict) -> None:
 
 def write_dataset(
     docs: list[Doc], report: dict, out_root: Path, val_fraction: float, parent: str | None,
-    shard_bytes: int = SHARD_BYTES, split_within: int = 32_768,
+    shard_bytes: int = SHARD_BYTES, split_within: int = 32_768, splits: Mapping[str, str] | None = None,
+    lineage: dict | None = None,
 ) -> DatasetVersion:
     """Store docs (in this order) as a dataset version under out_root/datasets; return it.
+
+    splits: documents whose side is decided already (id -> 'train' or 'val', e.g. taken from another
+    version), kept whole on that side; the others are split as usual. lineage: what the version was made
+    from, beyond its parent, stored in the manifest (metadata, not part of the id).
 
     Written into a temporary folder that is renamed into place when complete, so a version folder
     is always whole (a writer killed mid-way leaves a temporary folder the next write removes). If a
@@ -140,7 +146,11 @@ def write_dataset(
     ids = [d.id for d in docs]
     if len(set(ids)) != len(ids):
         raise ValueError("documents must be unique (deduplicate them first, e.g. with lmops.data.ingest)")
-    split = split_documents(docs, val_fraction, split_within)
+    splits = splits or {}
+    if bad := {s for s in splits.values() if s not in ("train", "val")}:
+        raise ValueError(f"splits: 'train' or 'val', not {', '.join(sorted(bad))}")
+    split = [pair for d in docs for pair in
+             ([(d, splits[d.id])] if d.id in splits else split_documents([d], val_fraction, split_within))]
     docs = [d for d, _ in split]
     root = Path(out_root) / DATASETS
     root.mkdir(parents=True, exist_ok=True)
@@ -160,6 +170,8 @@ def write_dataset(
         }
         version_id = _version_id(manifest)
         manifest = {"id": version_id, **manifest, "parent": parent, "created_at": datetime.now(timezone.utc).isoformat()}
+        if lineage is not None:
+            manifest["lineage"] = lineage
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         final = root / version_id
