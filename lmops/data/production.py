@@ -14,7 +14,7 @@ The prompts then go through the data pipeline's own steps (lmops/data/ingest.py)
 filters, PII scrubbing (always, whatever data.scrub_pii: the prompts are users' data) and
 deduplication, among themselves and against the corpus. Each becomes a document whose source is
 `requests:<request_id>` (PRODUCTION_SOURCE, is_production), so evaluation can tell production
-documents from corpus ones.
+documents from corpus ones (production_texts: those of the validation split).
 
 The corpus side is the newest dataset version made from data.corpus as it is now (ingested first when
 there is none). Each split keeps its side (corpus documents keep the split they had, so validation
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from lmops.config import Config, DataConfig, SafetyConfig
 from lmops.data.dataset import (
@@ -68,6 +68,13 @@ def is_production(source: str) -> bool:
     return source.startswith(PRODUCTION_SOURCE)
 
 
+def production_texts(version: DatasetVersion, split: str | None = "val") -> list[str]:
+    """The texts of a version's production documents (of split: 'val' by default, 'train', or None for
+    both), in stored order: what the model is evaluated on to see how it does on the new traffic."""
+    mine = {d["id"] for d in version.manifest["documents"] if is_production(d["source"])}
+    return [text for i, text in iter_documents(version, split) if i in mine]
+
+
 def request_id_of(source: str) -> str:
     """The request id in a production document's source (a long prompt's pieces end in [:cut] / [cut:])."""
     return source[len(PRODUCTION_SOURCE):].split("[", 1)[0]
@@ -76,11 +83,13 @@ def request_id_of(source: str) -> str:
 # ---- the window ------------------------------------------------------------------------------------
 
 
-def parse_time(value: str | datetime | None, what: str, now: datetime) -> datetime | None:
-    """A duration back from now ('90s', '30m', '1h', '7d', as the other commands take), an ISO time
-    (naive: UTC), or a datetime, as an aware UTC datetime; None stays None."""
+def parse_time(value: str | datetime | timedelta | None, what: str, now: datetime) -> datetime | None:
+    """A duration back from now ('90s', '30m', '1h', '7d', as the other commands take, or a timedelta),
+    an ISO time (naive: UTC), or a datetime, as an aware UTC datetime; None stays None."""
     from lmops.deploy.compare import parse_duration
 
+    if isinstance(value, timedelta):
+        return now - value
     if value is None or isinstance(value, datetime):
         return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
     try:
@@ -330,8 +339,8 @@ def _report(window: dict, fresh: list[Doc], duplicates: list[dict], mixed: list[
 
 def ingest_requests(ws, cfg: Config, store, actor: str, endpoint: str | None = None, since=None, until=None,
                     where: str | None = None, progress: bool = False) -> DatasetVersion:
-    """The prompts of the request log's window [since, until) (durations back from now such as '24h',
-    ISO times or datetimes; default the last 24 hours) of endpoint (None: all), where=None or 'drifted',
+    """The prompts of the request log's window [since, until) (durations back from now such as '24h' or
+    timedeltas, ISO times or datetimes; default the last 24 hours) of endpoint (None: all), where=None or 'drifted',
     mixed with the corpus into a dataset version whose parent is the corpus version; recorded in the store
     and the audit log (dataset.created, with the window). See the module docstring."""
     from rich.console import Console

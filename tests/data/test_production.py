@@ -16,6 +16,7 @@ from lmops.data.production import (
     ingest_requests,
     is_production,
     production_documents,
+    production_texts,
     request_id_of,
 )
 from lmops.errors import LmopsError
@@ -71,7 +72,7 @@ def log(store, prompts, start, step_s=1.0, endpoint="chat", status=200, moderati
                         for i, p in enumerate(prompts)])
 
 
-def production_texts(version) -> dict[str, str]:
+def production_by_id(version) -> dict[str, str]:
     sources = {d["id"]: d["source"] for d in version.manifest["documents"]}
     return {i: t for i, t in iter_documents(version) if is_production(sources[i])}
 
@@ -109,7 +110,7 @@ def test_only_answered_unblocked_prompts_are_used_scrubbed_and_deduplicated(ws, 
     assert "jane.doe@example.com" not in scrubbed.text and window["pii"]["email"] == 1
 
     version = ingest_requests(ws, cfg, store, "tests", since="1h")
-    texts = production_texts(version).values()
+    texts = production_by_id(version).values()
     assert not any(blocked_in in t or blocked_out in t or prompt(101) in t or prompt(102) in t for t in texts)
     assert version.manifest["lineage"]["requests"]["blocked"] == 2
 
@@ -129,6 +130,8 @@ def test_window_and_endpoint_filters(ws, cfg, store):
     assert {request_id_of(s)[:4] for s in used(endpoint="chat")} == {"chat", "rece"}
     assert {request_id_of(s) for s in used(endpoint="chat", since="2d", until="1h")} == {f"chat{i}" for i in range(5)} | {
         f"old{i}" for i in range(5)}
+    assert used(endpoint="chat", since=now - timedelta(hours=4), until=timedelta(hours=1)) == {  # as the loop may
+        f"{PRODUCTION_SOURCE}chat{i}" for i in range(5)}
     iso = (now - timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M:%S")  # ISO, naive: UTC
     assert {request_id_of(s) for s in used(endpoint="other", since=iso)} == {f"other{i}" for i in range(5)}
     with pytest.raises(LmopsError, match="--since"):
@@ -211,6 +214,9 @@ def test_lineage_in_manifest_store_audit_and_data_show(ws, cfg, store, cli):
     assert w["until"] > w["since"]
     assert v.report["requests"]["used"] == 12 and v.report["corpus"]["dataset"] == corpus.id
     assert store.datasets.get(v.id).parent == corpus.id
+    val = {d["id"] for d in v.manifest["documents"] if d["split"] == "val" and is_production(d["source"])}
+    assert val and production_texts(v) == [t for i, t in iter_documents(v, "val") if i in val]
+    assert len(production_texts(v, None)) == w["used"]
     (entry,) = store.audit.list(subject=f"dataset:{v.short_id}", action="dataset.created")
     assert entry.details["requests"]["first_request_id"] == "r0" and entry.details["parent"] == corpus.id
 
