@@ -141,23 +141,28 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint, exactly.")] = False,
     stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (resume later); the schedule still spans train.max_steps.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this model's weights and tokenizer (train.init_from): champion, a version, a run folder or checkpoint, a Hugging Face Llama folder.")] = None,
 ):
     """Train the model of lmops.yaml on the corpus's dataset version.
 
     The corpus (data.corpus) is ingested into a dataset version when it changed, validated and
     tokenized first; each of these is cached, so a second `lmops train` starts training at once.
-    The MLflow run records the dataset as its input.
+    The MLflow run records the dataset as its input. With train.init_from (or --init-from) training
+    continues a model: its weights, its tokenizer, a new learning-rate schedule.
 
     Data-parallel on several processes: torchrun --standalone --nproc_per_node 2 -m lmops train
     """
-    from lmops import stages
+    from lmops import stages, warmstart
     from lmops.errors import Interrupted
 
+    if init_from is not None:
+        set_ = [*(set_ or []), f"train.init_from={init_from}"]
     ws, cfg = _workspace_and_config(workspace, set_)
     show = progress and sys.stderr.isatty()
     data = _data_on_every_rank(ws, cfg, show)
     try:
-        result = stages.train(ws, cfg, data, ws.run_dir(run), resume=resume, stop_at=stop_at, progress=show, log=log)
+        result = stages.train(ws, cfg, data, ws.run_dir(run), resume=resume, stop_at=stop_at, progress=show, log=log,
+                              base=warmstart.resolve(ws, cfg))
     except Interrupted as err:
         raise LmopsError(f"{err}; continue with `lmops train --run {run} --resume`") from None
     if stages.is_main_process():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmops.errors import LmopsError
 
@@ -207,6 +207,19 @@ class TrainConfig(Section):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for PyTorch; None keeps PyTorch's choice (one per core)."
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from a model's weights instead of random ones: champion, a registered version "
+        "(3, lmops-model@3), a run folder or checkpoint, or a Hugging Face Llama folder. Its tokenizer is kept "
+        "(tokenizer.* is then unused) and model.* must match its shape; the learning-rate schedule starts "
+        "again with its own warmup (a lower train.lr suits fine-tuning). None: from scratch, because a new "
+        "workspace has no model yet.",
+    )
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _version_number(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `init_from: 3` in YAML
 
 
 class SafetyConfig(Section):

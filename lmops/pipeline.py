@@ -36,8 +36,8 @@ NEEDS = {"validate": "ingest", "tokenize": "ingest", "train": "tokenize", "evalu
 CODE = {
     "ingest": ["data/ingest.py", "data/dataset.py", "safety.py"],
     "validate": ["data/ingest.py"],
-    "tokenize": ["tokenizer.py", "data/dataset.py"],
-    "train": ["model.py", "train.py", "checkpoint.py", "tracking.py"],
+    "tokenize": ["tokenizer.py", "data/dataset.py", "warmstart.py"],
+    "train": ["model.py", "train.py", "checkpoint.py", "tracking.py", "warmstart.py"],
     "evaluate": ["evaluate.py", "model.py", "checkpoint.py", "safety.py"],
     "register": ["registry.py", "tracking.py"],
     "promote": ["registry.py"],
@@ -70,6 +70,16 @@ class Context:
     actor: str
     outputs: dict[str, dict] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    _base: list = field(default_factory=list)
+
+    def base(self):
+        """train.init_from resolved once per run (lmops.warmstart.BaseModel, or None from scratch): the
+        champion it names is the one of this run's start."""
+        if not self._base:
+            from lmops import warmstart
+
+            self._base.append(warmstart.resolve(self.ws, self.cfg))
+        return self._base[0]
 
     def audit(self, action: str, subject: str, details: dict, reason: str | None = None) -> None:
         self.store.audit.append(self.actor, action, subject, details, reason)
@@ -89,12 +99,22 @@ KEYS: dict[str, Callable[[Context], str]] = {
     "ingest": lambda c: _key(c, "ingest", _source_fingerprint(c.ws, c.cfg.data.corpus),
                              c.cfg.data.model_dump(mode="json", exclude=DATA_GATES), c.section("safety")),
     "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.cfg.data.model_dump(mode="json", include=DATA_GATES)),
-    "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"], c.section("tokenizer")),
-    "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model", "train")),
+    "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"],
+                               _base_tokenizer(c.base()) if c.cfg.train.init_from else c.section("tokenizer")),
+    # the base by its weights, not by the name init_from gives them (champion today, 3 tomorrow)
+    "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model"),
+                            c.cfg.train.model_dump(mode="json", exclude={"init_from"}),
+                            c.base().sha256 if c.cfg.train.init_from else None),
     "evaluate": lambda c: _key(c, "evaluate", c.keys["train"], c.section("evaluate", "safety")),
     "register": lambda c: _key(c, "register", c.keys["evaluate"], c.section("registry", "tracking")),
     "promote": lambda c: _key(c, "promote", c.outputs["register"]["version"], c.section("registry")),
 }
+
+
+def _base_tokenizer(base) -> str:
+    from lmops.tokenizer import TOKENIZER_FILE
+
+    return sha256_file(base.tokenizer_dir / TOKENIZER_FILE)
 
 
 def _outputs_present(name: str, outputs: dict) -> bool:
@@ -117,7 +137,7 @@ def step_validate(ctx: Context) -> dict:
 
 def step_tokenize(ctx: Context) -> dict:
     out = ctx.ws.state / "pipeline" / "tokenize" / ctx.keys["tokenize"][:16]
-    return stages.tokenize(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], out, log=ctx.log)
+    return stages.tokenize(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], out, log=ctx.log, base=ctx.base())
 
 
 def step_train(ctx: Context) -> dict:
@@ -130,7 +150,7 @@ def step_train(ctx: Context) -> dict:
     ckpt = run_dir / CKPT_NAME
     resume = ckpt.is_file() and Checkpoint(ckpt).meta.get("step", 0) < ctx.cfg.train.max_steps
     result = stages.train(ctx.ws, ctx.cfg, ctx.outputs["tokenize"], run_dir, resume=resume, progress=ctx.progress,
-                          log=ctx.log)
+                          log=ctx.log, base=ctx.base())
 
     return {"checkpoint": str(result.checkpoint), "run_dir": str(run_dir),
             "mlflow_run_id": read_run_info(run_dir)["mlflow_run_id"], "metrics": result.metrics}

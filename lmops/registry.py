@@ -419,6 +419,7 @@ def lineage(ws: Workspace, cfg: Config, ref: str) -> dict:
             "status": run.info.status if run else "deleted", "experiment_id": run.info.experiment_id if run else None,
             "checkpoint_step": rtags.get(tracking.TAG_CHECKPOINT_STEP),
         },
+        "base": {"model": tag(tracking.TAG_BASE), "sha256": tag(tracking.TAG_BASE_SHA)},  # a warm start's
         "dataset": _dataset_lineage(ws, (tracking.training_dataset(run) or {}).get("id") or tag(tracking.TAG_DATASET)),
         "tokenizer": {"sha256": tag(tracking.TAG_TOKENIZER)},
         "code": {"git_commit": tag(tracking.TAG_GIT_COMMIT), "git_repo": rtags.get(tracking.TAG_GIT_REPO),
@@ -454,6 +455,10 @@ def render_lineage(lin: dict):
                 + (f", [yellow]override: {m['gate_override']}[/]" if m["gate_override"] else ""))
     run = root.add(f"run [bold]{r['name']}[/] {r['id']} ({r['status']}"
                    + (f", step {r['checkpoint_step']}" if r["checkpoint_step"] else "") + ")")
+    base = lin.get("base") or {}
+    if base.get("model"):
+        run.add(f"started from [bold]{base['model']}[/]  sha256 {(base['sha256'] or '?')[:12]}"
+                + (f"  (`lmops lineage {base['model']}`)" if "@" in base["model"] else ""))
     ds = lin["dataset"]
     dataset = run.add(f"dataset {ds['id'] or '(not recorded)'}"
                       + (f" ({ds['documents']} documents)" if "documents" in ds else ""))

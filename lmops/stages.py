@@ -80,9 +80,10 @@ def validate(ws: Workspace, cfg: Config, dataset_id: str) -> None:
         raise LmopsError(f"data gates failed for dataset {version.short_id}: " + "; ".join(failures))
 
 
-def tokenize(ws: Workspace, cfg: Config, dataset_id: str, out: Path, log: Log = print) -> dict:
-    """Train the tokenizer of cfg.tokenizer on the dataset's training split and encode both splits
-    into out (tokenizer.json + train.bin/val.bin + meta.json)."""
+def tokenize(ws: Workspace, cfg: Config, dataset_id: str, out: Path, log: Log = print, base=None) -> dict:
+    """Train the tokenizer of cfg.tokenizer on the dataset's training split (or, warm-starting, take
+    the base model's: a lmops.warmstart.BaseModel) and encode both splits into out (tokenizer.json +
+    train.bin/val.bin + meta.json)."""
     from lmops.data.dataset import iter_documents, load_dataset
     from lmops.tokenizer import EOT, encode_splits, save_tokenizer, train_tokenizer
 
@@ -90,35 +91,41 @@ def tokenize(ws: Workspace, cfg: Config, dataset_id: str, out: Path, log: Log = 
     texts = {split: [text for _, text in iter_documents(version, split)] for split in ("train", "val")}
     if not texts["val"] or not texts["train"]:
         raise LmopsError(f"dataset {version.short_id}: " + "; ".join(gate_failures(version, cfg)))
-    tc = cfg.tokenizer
-    tok = train_tokenizer(texts["train"], tc.kind, tc.vocab_size, tc.min_frequency)
+    if base is not None:
+        from lmops.warmstart import tokenizer_of
+
+        tok, whose = tokenizer_of(base), f"{base.label}'s tokenizer"
+    else:
+        tc = cfg.tokenizer
+        tok, whose = train_tokenizer(texts["train"], tc.kind, tc.vocab_size, tc.min_frequency), "tokenizer"
     save_tokenizer(tok, out)
     meta = encode_splits(tok, {s: EOT.join(t) for s, t in texts.items()}, out)
-    log(f"tokenizer: {meta['vocab_size']} tokens; {meta['train_tokens']:,} training and {meta['val_tokens']:,} "
+    log(f"{whose}: {meta['vocab_size']} tokens; {meta['train_tokens']:,} training and {meta['val_tokens']:,} "
         f"validation tokens -> {out}")
     return {"dataset": version.id, "tokens_dir": str(out), "tokenizer_dir": str(out),
             "tokenizer_sha256": meta["tokenizer_sha256"]}
 
 
 def train(ws: Workspace, cfg: Config, data: dict, run_dir: Path, resume: bool = False, stop_at: int | None = None,
-          progress: bool = False, log: Log = print):
+          progress: bool = False, log: Log = print, base=None):
     """Train on a tokenize output (`data`: dataset, tokens_dir, tokenizer_dir), tracked as an MLflow run
-    named after run_dir whose input is the dataset. Returns lmops.train.TrainResult; on the main process
-    run_dir/run.json names the MLflow run, the dataset and the token shards."""
+    named after run_dir whose input is the dataset; from base's weights when given (a
+    lmops.warmstart.BaseModel, recorded on the run). Returns lmops.train.TrainResult; on the main
+    process run_dir/run.json names the MLflow run, the dataset, the token shards and the base model."""
     from lmops import tracking
     from lmops.train import train as run_training
     from lmops.train import update_run_info
 
     tokenizer_dir, tokens_dir = Path(data["tokenizer_dir"]), Path(data["tokens_dir"])
     with tracking.start_training_run(ws, cfg, data["dataset"], tokenizer_dir / "tokenizer.json", run_dir.name,
-                                     resume=resume, log=log) as run:
+                                     resume=resume, log=log, base=base) as run:
         result = run_training(cfg, tokens_dir, run_dir, tokenizer_dir, resume=resume, stop_at=stop_at,
-                              progress=progress, log=log, on_metrics=run.log_row)
+                              progress=progress, log=log, on_metrics=run.log_row, base=base)
         if is_main_process():  # under torchrun the other processes only train
             tracking.log_model(run.run_id, result.checkpoint)
     if is_main_process():
         update_run_info(run_dir, mlflow_run_id=run.run_id, dataset=data["dataset"], tokens_dir=str(tokens_dir),
-                        tokenizer_dir=str(tokenizer_dir))
+                        tokenizer_dir=str(tokenizer_dir), base=base.to_dict() if base is not None else None)
     return result
 
 

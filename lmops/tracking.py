@@ -68,6 +68,8 @@ TAG_VERSION = "lmops.version"
 TAG_DATASET = "lmops.dataset_id"
 TAG_TOKENIZER = "lmops.tokenizer_sha256"
 TAG_RUN = "lmops.run"
+TAG_BASE = "lmops.base_model"  # a warm start's base: NAME@VERSION when registered, else its path
+TAG_BASE_SHA = "lmops.base_model_sha256"
 TAG_CHECKPOINT_SHA = "lmops.checkpoint_sha256"
 TAG_CHECKPOINT_STEP = "lmops.checkpoint_step"
 TAG_MODEL_ID = "lmops.model_id"  # the run's logged MLflow model of the checkpoint TAG_CHECKPOINT_SHA names
@@ -345,7 +347,7 @@ class TrainingRun:
 
 @contextmanager
 def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, tokenizer_path: Path, run_name: str,
-                       resume: bool = False, log: Callable[[str], None] = print) -> Iterator[TrainingRun]:
+                       resume: bool = False, log: Callable[[str], None] = print, base=None) -> Iterator[TrainingRun]:
     """An MLflow run for a training run: params, tags, the dataset version (an MLflow input, context
     `training`) and config/tokenizer artifacts logged at the start, metrics as they come, status
     FINISHED or FAILED at the end.
@@ -370,6 +372,8 @@ def start_training_run(ws: Workspace, cfg: Config, dataset_id: str | None, token
     }
     if dataset_id is not None:
         tags[TAG_DATASET] = dataset_id
+    if base is not None:  # a warm start: the model it started from (lmops.warmstart.BaseModel)
+        tags |= {TAG_BASE: base.version or base.label, TAG_BASE_SHA: base.sha256}
     found = _latest_run(c, exp.experiment_id, run_name) if resume else None
     run = found or c.create_run(exp.experiment_id, run_name=run_name, tags=tags)
     run_id, resumed = run.info.run_id, found is not None

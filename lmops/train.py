@@ -185,8 +185,11 @@ class TrainResult:
 
 def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | None = None, resume: bool = False,
           stop_at: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-          on_metrics: Callable[[dict], None] | None = None) -> TrainResult:
+          on_metrics: Callable[[dict], None] | None = None, base=None) -> TrainResult:
     """Train cfg.model on the shards in tokens_dir; checkpoints and metrics.jsonl go to run_dir.
+
+    base: a lmops.warmstart.BaseModel to start from (its weights; a fresh optimizer and schedule),
+    instead of random weights; refused when its shape or tokenizer does not fit.
 
     tokenizer_dir: copied into run_dir when a run starts, so the run keeps the tokenizer it was
     trained with however the workspace's changes later.
@@ -216,9 +219,17 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
             f"too few for one context window of model.block_size={block}; add text or lower model.block_size"
         )
 
-    gpt_cfg = GPTConfig.from_settings(cfg.model, meta["vocab_size"])
+    if base is not None:
+        from lmops.warmstart import base_config
+
+        gpt_cfg = base_config(base, cfg.model, meta)
+    else:
+        gpt_cfg = GPTConfig.from_settings(cfg.model, meta["vocab_size"])
     torch.manual_seed(tc.seed)
-    model = GPT(gpt_cfg).to(device)
+    model = GPT(gpt_cfg)
+    if base is not None and not resume:
+        Checkpoint(base.checkpoint).load_model_into(model)
+    model = model.to(device)
     optimizer = make_optimizer(model, tc)
     batches = Batches(train_tokens, block, tc.seed)
     ckpt_path = run_dir / CKPT_NAME
@@ -265,7 +276,7 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         save_checkpoint(ckpt_path, model, optimizer, rng, {
             "step": at, "best_val_loss": best, "config": cfg.to_dict(), "tokens": meta, "tokens_dir": str(tokens_dir),
             "run": run_dir.name,
-            "metrics": metrics,
+            "metrics": metrics, "base": base.to_dict() if base is not None else None,
         })
 
     def record(row: dict) -> None:
@@ -277,7 +288,8 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
     if ddp.main:
         log(f"model: {model.num_params() / 1e6:.2f}M parameters, {gpt_cfg.n_layer} layers, width {gpt_cfg.d_model}, "
             f"context {block}; {len(train_tokens):,} training tokens; device {device}, {str(dtype).removeprefix('torch.')}"
-            + (f", {ddp.world} processes" if ddp.world > 1 else ""))
+            + (f", {ddp.world} processes" if ddp.world > 1 else "")
+            + (f"; starting from {base.label}" if base is not None and not resume else ""))
 
     bar = _progress(progress and ddp.main, total=last_step, completed=step)
     say = bar.console.print if bar.tasks else log
