@@ -25,8 +25,8 @@ FORMAT = "lmops-checkpoint-1"
 CKPT_NAME = "ckpt.safetensors"  # a run folder's checkpoint; a registered model's weights-only one too
 
 
-def _model_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+def _model_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict() if state is None else state)
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")  # the same tensor as embed.weight; safetensors refuses aliases
     return {f"model.{k}": v.detach().contiguous() for k, v in state.items()}
@@ -39,9 +39,14 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None,
-                    rng: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None) -> Path:
-    """Atomically write model (+ optimizer, RNG states, JSON-able meta) to path."""
-    tensors = _model_tensors(model)
+                    rng: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically write model (+ optimizer, RNG states, JSON-able meta) to path.
+
+    model_state: the model's weights when they are not model.state_dict() (a LoRA run's merged
+    weights, lmops/lora.py); extra: more tensors by their full names (a LoRA run's "lora." adapters)."""
+    tensors = _model_tensors(model, model_state)
     metadata = {"format": FORMAT, "gpt_config": json.dumps(model.cfg.to_dict())}
     if optimizer is not None:
         opt_tensors, groups = _optimizer_tensors(optimizer)
@@ -49,6 +54,7 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | N
         metadata["optim_groups"] = json.dumps(groups)
     for name, state in (rng or {}).items():
         tensors[f"rng.{name}"] = state
+    tensors.update({k: v.detach().contiguous() for k, v in (extra or {}).items()})
     metadata["meta"] = json.dumps(meta or {})
     tensors = {k: v.cpu() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +100,7 @@ class Checkpoint:
         self._groups = json.loads(metadata["optim_groups"]) if "optim_groups" in metadata else None
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors whose names start with prefix ('model.', 'optim.', 'rng.'), prefix removed."""
+        """The tensors whose names start with prefix ('model.', 'optim.', 'rng.', 'lora.'), prefix removed."""
         with safe_open(str(self.path), framework="pt") as f:
             return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 

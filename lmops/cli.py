@@ -350,14 +350,33 @@ def export(
     workspace: WorkspaceOpt = None,
     run: ModelRunOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty folder.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A registered version instead (NAME@alias, NAME@3, 3).")] = None,
+    adapter: Annotated[bool, typer.Option("--adapter", help="A LoRA fine-tune's adapter alone, as a PEFT adapter (Llama's module names) of its base's export, instead of the merged model.")] = False,
 ):
-    """Export the champion (or a run) as a Hugging Face LlamaForCausalLM folder (config, safetensors, tokenizer)."""
+    """Export the champion (or a run, or a version) as a Hugging Face LlamaForCausalLM folder (config,
+    safetensors, tokenizer). A LoRA fine-tune exports merged; with --adapter, its adapter alone:
+    load it with peft.PeftModel.from_pretrained(the base's export, OUT)."""
     from lmops import stages
     from lmops.checkpoint import Checkpoint
     from lmops.hf import export_hf
 
+    if model is not None and run is not None:
+        raise LmopsError("give --model or --run, not both")
     ws, cfg = _workspace_and_config(workspace, None)
-    ckpt, what = stages.model_checkpoint(ws, cfg, run)
+    if model is not None:
+        from lmops import registry
+
+        mv = registry.resolve(ws, cfg, model)
+        ckpt, what = registry.download_checkpoint(ws, cfg, f"{mv.name}@{mv.version}"), f"{mv.name} v{mv.version}"
+    else:
+        ckpt, what = stages.model_checkpoint(ws, cfg, run)
+    if adapter:
+        from lmops.lora import export_hf_adapter
+
+        path = export_hf_adapter(ckpt, out, overwrite=overwrite)
+        log(f"exported the LoRA adapter of {what} to {path}; load with "
+            f"peft.PeftModel.from_pretrained(<its base exported by `lmops export`>, {str(path)!r})")
+        return
     path = export_hf(Checkpoint(ckpt).model(), out, tokenizer_dir=ckpt.parent, overwrite=overwrite)
     log(f"exported {what} to {path}; load with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 

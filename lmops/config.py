@@ -172,6 +172,34 @@ class ModelConfig(Section):
         return self
 
 
+LORA_TARGETS = ("qkv", "proj", "gate_up", "down")  # lmops/model.py's Linear layers (fused as lmops fuses them)
+
+
+class LoraConfig(Section):
+    """LoRA adapters (train.method: lora): a low-rank update B @ A beside each target matrix."""
+
+    r: int = Field(8, ge=1, description="Rank of each adapter: 8, the LoRA paper's usual rank, is enough to adapt "
+                   "a model to a domain at a fraction of a percent of its parameters.")
+    alpha: float = Field(16.0, gt=0, description="The update is scaled by alpha / r: 2 * r, the common choice, so "
+                         "the scale stays the same when r changes and train.lr need not be tuned again.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input: 0.05, as common LoRA "
+                           "recipes use, because fine-tuning data is small and overfits easily.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["qkv", "proj"],
+        description="lmops's layers to adapt, of qkv, proj (attention), gate_up, down (MLP): attention, as the "
+        "LoRA paper found sufficient; add gate_up and down for more capacity.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in LORA_TARGETS]
+        if unknown or not v:
+            what = f"unknown module {', '.join(map(repr, unknown))}" if unknown else "no module named"
+            raise ValueError(f"{what}; lmops's are {', '.join(LORA_TARGETS)}")
+        return list(dict.fromkeys(v))
+
+
 class TrainConfig(Section):
     max_steps: int = Field(2000, ge=1, description="Optimizer steps; a few minutes for the default model on CPU.")
     batch_size: int = Field(32, ge=1, description="Sequences per micro-batch per process.")
@@ -216,10 +244,32 @@ class TrainConfig(Section):
         "workspace has no model yet.",
     )
 
+    method: Literal["full", "lora"] = Field(
+        "full",
+        description="full: every weight trains, which a run from scratch needs. lora: only low-rank adapters "
+        "on the base model of train.init_from train (train.lora; needs the peft package, lmops[lora]), a "
+        "small fraction of the parameters: less memory, less forgetting, and a registered version that "
+        "holds only the adapter.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="With method lora: r (8: the LoRA paper's usual rank), alpha (16: scale alpha/r = 2), "
+        "dropout (0.05: small fine-tuning data overfits), target_modules (qkv, proj: attention, as the paper; "
+        "lmops's are qkv, proj, gate_up, down).",
+    )
+
     @field_validator("init_from", mode="before")
     @classmethod
     def _version_number(cls, v):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `init_from: 3` in YAML
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> TrainConfig:
+        if self.method == "lora" and not self.init_from:
+            raise ValueError("train.method lora trains adapters on a base model: set train.init_from (champion, "
+                             "a version, a run folder or checkpoint, a Hugging Face Llama folder), or use "
+                             "train.method full to train from scratch")
+        return self
 
 
 class SafetyConfig(Section):

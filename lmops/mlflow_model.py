@@ -17,6 +17,10 @@ prompt is sampled with its own generator seeded with `seed`.
 
     model = mlflow.pyfunc.load_model("models:/lmops-model@champion")
     model.predict(["The list"], params={"max_tokens": 20, "seed": 1})
+
+A LoRA version's artifact holds its adapter instead of a checkpoint (lmops/lora.py); loading it fetches
+its base version from the registry MLflow is set to (the one it was loaded from) and merges the adapter
+onto the base's weights, checked against the sha256 the fine-tune started from.
 """
 
 from __future__ import annotations
@@ -36,11 +40,10 @@ class LmopsTextGenerator(PythonModel):
     """Loads the checkpoint and tokenizer of the artifact `model`; predict continues each prompt."""
 
     def load_context(self, context) -> None:
-        from lmops.checkpoint import Checkpoint
         from lmops.tokenizer import load_tokenizer
 
         folder = Path(context.artifacts[ARTIFACT])
-        self.model = Checkpoint(folder / "ckpt.safetensors").model("cpu").eval()
+        self.model = load_weights(folder)
         self.tokenizer = load_tokenizer(folder)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
@@ -52,6 +55,44 @@ class LmopsTextGenerator(PythonModel):
                               temperature=float(p["temperature"]), top_k=top_k if top_k > 0 else None,
                               top_p=top_p if top_p < 1.0 else None, seed=int(p["seed"]))[0]
                 for prompt in prompts(model_input)]
+
+
+def is_adapter(folder: Path) -> bool:
+    from lmops.lora import is_adapter
+
+    return not (folder / "ckpt.safetensors").is_file() and is_adapter(folder)
+
+
+def load_weights(folder: Path):
+    """The model of an artifact folder: its checkpoint, or a LoRA adapter merged onto its base version,
+    downloaded from the registry (a base that is itself an adapter likewise)."""
+    import tempfile
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from lmops.checkpoint import Checkpoint
+    from lmops.errors import LmopsError
+    from lmops.lora import merged_model, read_info
+    from lmops.util import sha256_file
+
+    if not is_adapter(folder):
+        return Checkpoint(folder / "ckpt.safetensors").model("cpu").eval()
+    base = read_info(folder)["base"]
+    name, _, version = base["version"].rpartition("@")
+    with tempfile.TemporaryDirectory(prefix="lmops-base-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        except MlflowException as err:
+            raise LmopsError(f"this LoRA adapter's base {base['version']} could not be fetched from the registry "
+                             f"{mlflow.get_registry_uri()} ({str(err).splitlines()[0]}); load the version with "
+                             "lmops (lmops.registry.download_checkpoint) in its workspace instead") from None
+        base_folder = local / "artifacts" / ARTIFACT
+        weights = base_folder / "ckpt.safetensors"
+        if weights.is_file() and sha256_file(weights) != base["sha256"]:
+            raise LmopsError(f"{base['version']} does not hold the weights this LoRA adapter was trained on "
+                             f"(sha256 {base['sha256'][:12]})")
+        return merged_model(folder, load_weights(base_folder))
 
 
 def prompts(model_input) -> list[str]:

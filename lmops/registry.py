@@ -25,6 +25,7 @@ and its mark is the only place a crash can repeat an entry (never lose one).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -169,9 +170,13 @@ def _version_tags(c: MlflowClient, run, model_id: str, sha: str, gate_results: l
         tracking.TAG_VERSION: rtags.get(tracking.TAG_VERSION, tracking.lmops_version()),
         TAG_GATES: "failed" if failed else "passed",
     }
-    weights = c.get_logged_model(model_id).tags.get(tracking.TAG_WEIGHTS_SHA)
-    if weights:
-        tags[tracking.TAG_WEIGHTS_SHA] = weights
+    model_tags = c.get_logged_model(model_id).tags
+    for key in (tracking.TAG_WEIGHTS_SHA, tracking.TAG_ADAPTER_SHA, tracking.TAG_LORA):  # a LoRA model: no weights
+        if model_tags.get(key):
+            tags[key] = model_tags[key]
+    for key in (tracking.TAG_BASE, tracking.TAG_BASE_SHA):  # a warm start's (and a LoRA adapter's) base
+        if rtags.get(key):
+            tags[key] = rtags[key]
     if dataset_id:
         tags[tracking.TAG_DATASET] = dataset_id
     if failed:
@@ -419,7 +424,9 @@ def lineage(ws: Workspace, cfg: Config, ref: str) -> dict:
             "status": run.info.status if run else "deleted", "experiment_id": run.info.experiment_id if run else None,
             "checkpoint_step": rtags.get(tracking.TAG_CHECKPOINT_STEP),
         },
-        "base": {"model": tag(tracking.TAG_BASE), "sha256": tag(tracking.TAG_BASE_SHA)},  # a warm start's
+        "base": {"model": tag(tracking.TAG_BASE), "sha256": tag(tracking.TAG_BASE_SHA),  # a warm start's
+                 "lora": json.loads(tag(tracking.TAG_LORA) or "null"),  # a LoRA fine-tune's settings
+                 "adapter": bool(tag(tracking.TAG_ADAPTER_SHA))},  # the version holds the adapter alone
         "dataset": _dataset_lineage(ws, (tracking.training_dataset(run) or {}).get("id") or tag(tracking.TAG_DATASET)),
         "tokenizer": {"sha256": tag(tracking.TAG_TOKENIZER)},
         "code": {"git_commit": tag(tracking.TAG_GIT_COMMIT), "git_repo": rtags.get(tracking.TAG_GIT_REPO),
@@ -457,8 +464,12 @@ def render_lineage(lin: dict):
                    + (f", step {r['checkpoint_step']}" if r["checkpoint_step"] else "") + ")")
     base = lin.get("base") or {}
     if base.get("model"):
+        lora = base.get("lora")
         run.add(f"started from [bold]{base['model']}[/]  sha256 {(base['sha256'] or '?')[:12]}"
-                + (f"  (`lmops lineage {base['model']}`)" if "@" in base["model"] else ""))
+                + (f"  (`lmops lineage {base['model']}`)" if "@" in base["model"] else "")
+                + (f"; LoRA r={lora['r']} on {', '.join(lora['target_modules'])}"
+                   + (", the version holds the adapter" if base.get("adapter") else ", registered merged")
+                   if lora else ""))
     ds = lin["dataset"]
     dataset = run.add(f"dataset {ds['id'] or '(not recorded)'}"
                       + (f" ({ds['documents']} documents)" if "documents" in ds else ""))
@@ -486,8 +497,11 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
     """The version's weights-only checkpoint as a local file, its tokenizer beside it (for Checkpoint
     and load_tokenizer): .lmops/models/NAME/VERSION/ckpt.safetensors, the `model` artifact of its
     MLflow model, downloaded once (no progress bars) and checked against the sha256 recorded at
-    registration. A version registered before MLflow models gives its run's training checkpoint."""
-    from lmops import mlflow_model
+    registration. A version registered before MLflow models gives its run's training checkpoint.
+    A LoRA version's artifact is its adapter (lmops/lora.py): the adapter (checked against its sha256)
+    is merged onto its base version's checkpoint (downloaded the same way, checked against the sha256
+    the run started from) into that file, once, the adapter files kept beside it."""
+    from lmops import lora, mlflow_model
 
     mv = resolve(ws, cfg, ref)
     name, version = mv.name, str(mv.version)
@@ -511,6 +525,9 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
                                                              tracking_uri=tracking.tracking_uri(ws, cfg)))
         got = local / tracking.CHECKPOINT_FILE
+        if not got.is_file() and lora.is_adapter(local):
+            _merge_adapter(ws, cfg, local, f"{name} v{version}", tags.get(tracking.TAG_ADAPTER_SHA))
+            want = None  # made here, of checked parts
         if not got.is_file():
             raise LmopsError(f"{name} v{version}: its artifacts at {uri} hold no {tracking.CHECKPOINT_FILE}; "
                              "register the run's checkpoint again")
@@ -524,6 +541,23 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ckpt
+
+
+def _merge_adapter(ws: Workspace, cfg: Config, folder: Path, what: str, adapter_sha: str | None) -> None:
+    """folder (a LoRA version's downloaded artifact) gets ckpt.safetensors: its adapter merged onto its base."""
+    from lmops import lora
+    from lmops.checkpoint import Checkpoint, save_checkpoint
+
+    if adapter_sha and sha256_file(folder / lora.ADAPTER_WEIGHTS) != adapter_sha:
+        raise LmopsError(f"{what}: downloaded adapter does not match the sha256 recorded at registration; its "
+                         "artifacts were changed, register it again")
+    base = lora.read_info(folder)["base"]
+    base_ckpt = download_checkpoint(ws, cfg, base["version"])
+    if sha256_file(base_ckpt) != base["sha256"]:
+        raise LmopsError(f"{what}: a LoRA adapter of {base['version']}, whose weights are not the ones it was trained "
+                         f"on (sha256 {base['sha256'][:12]}); its base version was changed")
+    model = lora.merged_model(folder, Checkpoint(base_ckpt).model())
+    save_checkpoint(folder / tracking.CHECKPOINT_FILE, model, meta=lora.read_info(folder)["meta"])
 
 
 def list_versions(ws: Workspace, cfg: Config) -> list[dict]:
@@ -610,6 +644,11 @@ def model_card(name: str, version: str, run, ckpt_path: Path, results: dict, gat
         f"- optimisation: {train.get('max_steps', '?')} steps, batch {train.get('batch_size', '?')} x "
         f"{train.get('grad_accum', '?')}, lr {train.get('lr', '?')} (cosine to {train.get('min_lr', '?')}), "
         f"seed {train.get('seed', '?')}",
+        *([f"- LoRA fine-tune of {(meta.get('base') or {}).get('version') or (meta.get('base') or {}).get('label')}: "
+           f"r={meta['lora']['r']}, alpha {meta['lora']['alpha']:g} on {', '.join(meta['lora']['target_modules'])}"
+           + ("; the version holds the adapter, merged onto its base when downloaded"
+              if (meta.get('base') or {}).get('version') else "; registered merged (its base is no registered version)")]
+          if meta.get("lora") else []),
         "",
     ]
     return "\n".join(lines)

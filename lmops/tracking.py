@@ -74,6 +74,8 @@ TAG_CHECKPOINT_SHA = "lmops.checkpoint_sha256"
 TAG_CHECKPOINT_STEP = "lmops.checkpoint_step"
 TAG_MODEL_ID = "lmops.model_id"  # the run's logged MLflow model of the checkpoint TAG_CHECKPOINT_SHA names
 TAG_WEIGHTS_SHA = "lmops.weights_sha256"  # its weights-only checkpoint (what a download is checked against)
+TAG_LORA = "lmops.lora"  # a LoRA run's settings (JSON: r, alpha, dropout, target_modules)
+TAG_ADAPTER_SHA = "lmops.adapter_sha256"  # a LoRA model's adapter file (what a download is checked against)
 INPUT_TAG_DATASET = "lmops.dataset_id"  # the whole dataset id, on the run's dataset input
 
 
@@ -478,7 +480,13 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     given must be for that URI). Tags the run with the checkpoint's sha256 and step, the model's id
     and its weights' sha256 (the registry records them and checks downloads against the latter);
     the model carries the same tags.
+
+    A LoRA run on a registered base version is logged as its adapter instead of the merged weights
+    (lmops/lora.py write_adapter: PEFT's files + the base version and its sha256), tagged with the
+    adapter's sha256 and the settings; the registry merges it onto the base when it downloads it. On
+    any other base (a path, a Hugging Face folder) there is no version to merge with later: merged.
     """
+    from lmops import lora
     from lmops.checkpoint import Checkpoint, save_checkpoint
 
     ckpt_path = Path(ckpt_path)
@@ -495,11 +503,17 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     # in the system's temporary folder, not the run's: a kill here leaves no copy of the weights there
     with tempfile.TemporaryDirectory(prefix="lmops-model-") as tmp:
         folder = Path(tmp) / "model"
-        weights = save_checkpoint(folder / CHECKPOINT_FILE, ckpt.model(), meta=ckpt.meta | {"source_sha256": sha})
+        if ckpt.meta.get("lora") and (ckpt.meta.get("base") or {}).get("version"):
+            adapter = lora.write_adapter(folder, ckpt, sha)
+            tags = {TAG_CHECKPOINT_SHA: sha, TAG_ADAPTER_SHA: sha256_file(adapter)}
+        else:
+            weights = save_checkpoint(folder / CHECKPOINT_FILE, ckpt.model(), meta=ckpt.meta | {"source_sha256": sha})
+            tags = {TAG_CHECKPOINT_SHA: sha, TAG_WEIGHTS_SHA: sha256_file(weights)}
+        if ckpt.meta.get("lora"):
+            tags[TAG_LORA] = json.dumps(ckpt.meta["lora"], sort_keys=True)
         for name in TOKENIZER_FILES:
             if (ckpt_path.parent / name).is_file():
                 _link_or_copy(ckpt_path.parent / name, folder / name)
-        tags = {TAG_CHECKPOINT_SHA: sha, TAG_WEIGHTS_SHA: sha256_file(weights)}
         if step is not None:
             tags[TAG_CHECKPOINT_STEP] = str(step)
         info = _log_pyfunc(run_id, folder, int(step or 0), tags)

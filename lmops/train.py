@@ -154,15 +154,33 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def make_optimizer(model: GPT, cfg) -> torch.optim.Optimizer:
-    groups = model.param_groups(cfg.weight_decay)
+    # the trainable parameters only (a LoRA run's adapters)
+    groups = [g | {"params": ps} for g in model.param_groups(cfg.weight_decay)
+              if (ps := [p for p in g["params"] if p.requires_grad])]
     try:  # fused AdamW: one kernel for all parameters (CPU since torch 2.4, CUDA)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def check_resumable(ckpt: Checkpoint, cfg: Config, gpt_cfg: GPTConfig, tokens_meta: dict) -> None:
+def check_resumable(ckpt: Checkpoint, cfg: Config, gpt_cfg: GPTConfig, tokens_meta: dict, base=None) -> None:
     """Resuming continues the same model on the same data; anything else is a new run."""
+    lora = ckpt.meta.get("lora")
+    if (lora is not None) != (cfg.train.method == "lora"):
+        raise LmopsError(f"--resume: {ckpt.path} was trained with train.method {'lora' if lora else 'full'}, "
+                         f"lmops.yaml says {cfg.train.method}; restore it, or start a new run with another --run name")
+    if lora is not None:
+        from lmops.lora import settings
+
+        if settings(cfg.train) != lora:
+            raise LmopsError(f"--resume: train.lora is {settings(cfg.train)} but {ckpt.path} was trained with {lora}; "
+                             "restore it in lmops.yaml, or start a new run with another --run name")
+        started = (ckpt.meta.get("base") or {}).get("sha256")
+        if base is None or base.sha256 != started:
+            raise LmopsError(f"--resume: a LoRA run continues on the base weights it started from (sha256 "
+                             f"{str(started)[:12]}), but train.init_from names "
+                             f"{'none' if base is None else f'{base.label} (sha256 {base.sha256[:12]})'}; set "
+                             f"train.init_from to {(ckpt.meta.get('base') or {}).get('version') or 'that base'}")
     old = ckpt.meta.get("config", {})
     for section in ("model", "tokenizer", "data"):
         for key, new_value in getattr(cfg, section).model_dump(mode="json").items():
@@ -189,7 +207,9 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
     """Train cfg.model on the shards in tokens_dir; checkpoints and metrics.jsonl go to run_dir.
 
     base: a lmops.warmstart.BaseModel to start from (its weights; a fresh optimizer and schedule),
-    instead of random weights; refused when its shape or tokenizer does not fit.
+    instead of random weights; refused when its shape or tokenizer does not fit. With train.method
+    lora (lmops/lora.py) its weights stay frozen and only adapters train; the checkpoint holds the
+    merged weights, and the adapters under "lora." (a resume reads the base's weights again).
 
     tokenizer_dir: copied into run_dir when a run starts, so the run keeps the tokenizer it was
     trained with however the workspace's changes later.
@@ -219,6 +239,14 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
             f"too few for one context window of model.block_size={block}; add text or lower model.block_size"
         )
 
+    lora_cfg = None
+    if tc.method == "lora":
+        from lmops import lora
+
+        if base is None:
+            raise LmopsError("train.method lora trains adapters on a base model, and none was given: set "
+                             "train.init_from (champion, a version, a run folder, a Hugging Face Llama folder)")
+        lora_cfg = lora.settings(tc)
     if base is not None:
         from lmops.warmstart import base_config
 
@@ -227,8 +255,10 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         gpt_cfg = GPTConfig.from_settings(cfg.model, meta["vocab_size"])
     torch.manual_seed(tc.seed)
     model = GPT(gpt_cfg)
-    if base is not None and not resume:
+    if base is not None and (not resume or lora_cfg):  # a LoRA run's checkpoint has merged weights, not the base's
         Checkpoint(base.checkpoint).load_model_into(model)
+    if lora_cfg:
+        lora.apply(model, lora_cfg)
     model = model.to(device)
     optimizer = make_optimizer(model, tc)
     batches = Batches(train_tokens, block, tc.seed)
@@ -238,8 +268,11 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         if not ckpt_path.exists():
             raise LmopsError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
         ckpt = Checkpoint(ckpt_path)
-        check_resumable(ckpt, cfg, gpt_cfg, meta)
-        ckpt.load_model_into(model)
+        check_resumable(ckpt, cfg, gpt_cfg, meta, base)
+        if lora_cfg:
+            lora.load_adapters(model, ckpt.tensors(lora.PREFIX))
+        else:
+            ckpt.load_model_into(model)
         ckpt.load_optimizer_into(optimizer)
         torch.set_rng_state(ckpt.rng("torch"))
         batches.gen.set_state(ckpt.rng("batches"))
@@ -276,8 +309,9 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         save_checkpoint(ckpt_path, model, optimizer, rng, {
             "step": at, "best_val_loss": best, "config": cfg.to_dict(), "tokens": meta, "tokens_dir": str(tokens_dir),
             "run": run_dir.name,
-            "metrics": metrics, "base": base.to_dict() if base is not None else None,
-        })
+            "metrics": metrics, "base": base.to_dict() if base is not None else None, "lora": lora_cfg,
+        }, model_state=lora.merged_state(model, lora_cfg) if lora_cfg else None,
+            extra={lora.PREFIX + k: v for k, v in lora.adapter_tensors(model).items()} if lora_cfg else None)
 
     def record(row: dict) -> None:
         if ddp.main:
@@ -290,6 +324,12 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
             f"context {block}; {len(train_tokens):,} training tokens; device {device}, {str(dtype).removeprefix('torch.')}"
             + (f", {ddp.world} processes" if ddp.world > 1 else "")
             + (f"; starting from {base.label}" if base is not None and not resume else ""))
+        if lora_cfg:
+            trainable, total = lora.counts(model)
+            log(f"LoRA r={lora_cfg['r']}, alpha {lora_cfg['alpha']:g} on {', '.join(lora_cfg['target_modules'])}: "
+                f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
+                + ("" if base.version else f"; {base.label} is no registered version, so registering this run "
+                   "registers its merged weights (there is no base version to merge the adapter with later)"))
 
     bar = _progress(progress and ddp.main, total=last_step, completed=step)
     say = bar.console.print if bar.tasks else log
