@@ -758,6 +758,8 @@ from lmops import cli_deploy  # noqa: E402, F401
 from lmops import cli_ci, cli_export  # noqa: E402, F401
 # monitor run|watch|show|alerts: lmops/cli_monitor.py
 from lmops import cli_monitor  # noqa: E402, F401
+# loop run|watch|status|retrain|approve: lmops/cli_loop.py
+from lmops import cli_loop  # noqa: E402, F401
 
 
 def main() -> None:

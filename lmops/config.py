@@ -802,6 +802,81 @@ class MonitorConfig(Section):
         return self
 
 
+DRIFT_SIGNALS = ["prompt_length_psi", "prompt_tokens_js", "prompt_chars_js", "prompt_nll", "embedding_mmd",
+                 "embedding_auc"]
+
+
+class LoopConfig(Section):
+    """Closing the loop: what a monitor alert does (lmops loop). On retrain: production prompts -> a mixed
+    dataset version -> training from the champion -> evaluation against it on the old validation split and
+    on held-out new traffic -> a challenger -> a canary on loop.endpoint -> promoted or rolled back."""
+
+    on_alert: Literal["none", "notify", "retrain"] = Field(
+        "notify",
+        description="none: the loop ignores alerts. notify: they reach people (monitor.webhook_url) and the loop "
+        "records that it left the decision to them (`lmops loop retrain` starts one by hand). retrain: the loop "
+        "retrains by itself. notify by default: a retrain moves production, so turn it on once the gates and "
+        "the canary are trusted.",
+    )
+    endpoint: str | None = Field(
+        None, description="The endpoint whose alerts trigger a retrain and where the challenger is canaried. "
+        "None: the only endpoint of the store (refused when there are several).",
+    )
+    signals: list[str] = Field(
+        default_factory=lambda: list(DRIFT_SIGNALS),
+        description="Signals whose alerts trigger a retrain: the prompts' drift, because new data helps only "
+        "when the traffic changed; operational alerts (errors, latency) need a person, not a new model.",
+    )
+    cooldown_s: float = Field(
+        6 * 3600.0, ge=0,
+        description="Seconds after a retrain starts before another may: 6 hours lets a new champion collect a "
+        "monitor window of its own traffic before its drift is judged.",
+    )
+    max_retrains_per_day: int = Field(
+        2, ge=1, description="Retrains started in any 24 hours at most: a cap on cost when alerts keep firing."
+    )
+    approve_before_canary: bool = Field(
+        False, description="A person approves (`lmops loop approve ID`) before the challenger gets live traffic.",
+    )
+    approve_before_promotion: bool = Field(
+        False, description="The canary's last step waits for `lmops approve VERSION` before the champion moves "
+        "(as registry.require_approval, for the loop's versions only).",
+    )
+    window_s: float | None = Field(
+        None, gt=0, description="Production prompts read for the new data: the seconds before the alert. None: "
+        "the alert's monitor window (monitor.window_s), the traffic that drifted.",
+    )
+    min_gain: float = Field(
+        0.02, ge=0, lt=1,
+        description="The challenger's bits per byte on held-out new traffic must be at least this share below "
+        "the champion's: 2%, past the noise of a few hundred held-out prompts; a retrain that learned nothing "
+        "new is not worth a rollout.",
+    )
+    max_regression: float = Field(
+        0.01, ge=0,
+        description="...and on the champion's own validation split at most this share above the champion's: "
+        "1%, as evaluate.gates.no_regression, so learning the new traffic does not forget the old.",
+    )
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50, 100],
+        description="The challenger's canary steps (rollout.* sets the windows and analysis): a retrained "
+        "model gets the same careful rollout as one a person deployed.",
+    )
+    interval_s: float = Field(
+        60.0, gt=0, description="Seconds between two ticks of `lmops loop watch` (alerts read, runs advanced).",
+    )
+
+    @model_validator(mode="after")
+    def _known_signals(self):
+        from lmops.monitor.signals import SIGNALS
+
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown:
+            raise ValueError(f"loop.signals: unknown signal {unknown[0]!r} (known: {', '.join(SIGNALS)})")
+        _check_steps(self.steps)
+        return self
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -817,6 +892,7 @@ class Config(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -121,6 +121,17 @@ def heldout_loss(model: GPT, val: np.ndarray, meta: dict, batch_size: int, devic
     return {**loss_metrics(total / count, meta), "val_tokens": count}
 
 
+def texts_loss(model: GPT, tok, texts: list[str], batch_size: int, device: torch.device) -> dict[str, float]:
+    """heldout_loss of texts, joined by the end-of-text token as training joins documents (bits per
+    byte over their UTF-8 bytes): how well model predicts them, comparable across models of a tokenizer."""
+    from lmops.tokenizer import encode_text, token_dtype
+
+    joined = EOT.join(texts)
+    ids = encode_text(tok, joined, token_dtype(tok.get_vocab_size(with_added_tokens=True)))
+    return heldout_loss(model, ids, {"val_tokens": len(ids), "val_bytes": len(joined.encode("utf-8"))},
+                        batch_size, device)
+
+
 def continue_text(model: GPT, tok, prompt: str, cfg: Config) -> str:
     """The continuation of prompt (without it), seeded, cut at the end-of-document token and at the
     first stop sequence."""

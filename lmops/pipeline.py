@@ -37,9 +37,9 @@ CODE = {
     "ingest": ["data/ingest.py", "data/dataset.py", "safety.py"],
     "validate": ["data/ingest.py"],
     "tokenize": ["tokenizer.py", "data/dataset.py", "warmstart.py"],
-    "train": ["model.py", "train.py", "checkpoint.py", "tracking.py", "warmstart.py"],
+    "train": ["model.py", "train.py", "checkpoint.py", "tracking.py", "warmstart.py", "lora.py"],
     "evaluate": ["evaluate.py", "model.py", "checkpoint.py", "safety.py"],
-    "register": ["registry.py", "tracking.py"],
+    "register": ["registry.py", "tracking.py", "lora.py"],
     "promote": ["registry.py"],
 }
 
@@ -70,6 +70,7 @@ class Context:
     actor: str
     outputs: dict[str, dict] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    dataset: str | None = None  # given: the ingest step takes this dataset version instead of data.corpus
     _base: list = field(default_factory=list)
 
     def base(self):
@@ -95,9 +96,11 @@ def _key(ctx: Context, name: str, *parts) -> str:
 
 
 DATA_GATES = {"min_documents", "max_duplicate_ratio"}  # read by validate only, not by ingest
+PRODUCTION = {"use_production_prompts", "mix"}  # read by `data ingest --from-requests` only, not by the corpus's
 KEYS: dict[str, Callable[[Context], str]] = {
-    "ingest": lambda c: _key(c, "ingest", _source_fingerprint(c.ws, c.cfg.data.corpus),
-                             c.cfg.data.model_dump(mode="json", exclude=DATA_GATES), c.section("safety")),
+    "ingest": lambda c: _key(c, "ingest", ["dataset", c.dataset]) if c.dataset is not None else
+                        _key(c, "ingest", _source_fingerprint(c.ws, c.cfg.data.corpus),
+                             c.cfg.data.model_dump(mode="json", exclude=DATA_GATES | PRODUCTION), c.section("safety")),
     "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.cfg.data.model_dump(mode="json", include=DATA_GATES)),
     "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"],
                                _base_tokenizer(c.base()) if c.cfg.train.init_from else c.section("tokenizer")),
@@ -126,6 +129,10 @@ def _outputs_present(name: str, outputs: dict) -> bool:
 # ----------------------------------------------------------------------------- steps: lmops/stages.py with their outputs
 
 def step_ingest(ctx: Context) -> dict:
+    if ctx.dataset is not None:  # a dataset version made elsewhere (the loop's, from production prompts)
+        from lmops.data.dataset import load_dataset
+
+        return {"dataset": ctx.dataset, "path": str(load_dataset(ctx.ws.state, ctx.dataset).path)}
     version = stages.ingest(ctx.ws, ctx.cfg, ctx.store, ctx.actor, progress=ctx.progress)
     return {"dataset": version.id, "path": str(version.path)}
 
@@ -190,9 +197,10 @@ class PipelineResult:
 
 def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progress: bool = False,
                  log: Callable[[str], None] = print, steps: list[str] | None = None,
-                 again: str = "lmops pipeline run") -> PipelineResult:
+                 again: str = "lmops pipeline run", dataset: str | None = None) -> PipelineResult:
     """Run steps (default pipeline.steps) in order, each skipped while its cache key finds outputs.
-    again: the command a failure's advice says to run once fixed.
+    again: the command a failure's advice says to run once fixed. dataset: a dataset version id the
+    ingest step takes as its output, instead of ingesting data.corpus.
 
     Every step ends marked in the store, whatever stops it (an error, a bug, Ctrl-C); a run whose
     process was killed outright stays 'running' until the next run, which marks it failed.
@@ -206,7 +214,7 @@ def run_pipeline(ws: Workspace, cfg: Config, from_step: str | None = None, progr
     if from_step is not None and from_step not in steps:
         raise LmopsError(f"--from {from_step}: not a step of this pipeline ({', '.join(steps)})")
     store = Store.for_workspace(ws, cfg)
-    ctx = Context(ws, cfg, store, log, progress, default_actor())
+    ctx = Context(ws, cfg, store, log, progress, default_actor(), dataset=dataset)
     with store, store.pipeline.lock():
         for gone in store.pipeline.close_abandoned(ABANDONED):  # we hold the lock: no other run is alive
             log(f"[yellow]pipeline run {gone} was left running by a process that is gone: marked failed[/]")

@@ -55,6 +55,10 @@ TAG_GATES_FAILED = "gates.failed"
 TAG_APPROVED_BY, TAG_APPROVED_AT = "approved_by", "approved_at"
 TAG_MODEL_CARD = "model_card"
 TAG_OVERRIDE = "gate_override"
+# JSON {version, dataset, metrics}: the champion of the time measured on this version's validation split
+# (stages.champion_on_this_split); promote compares with it while that version is still the champion
+TAG_CHAMPION_BASIS = "lmops.champion_basis"
+TAG_NEEDS_APPROVAL = "lmops.needs_approval"  # why this version needs an approver, whatever require_approval
 EVAL_PREFIX = "eval."  # evaluation metrics (MLflow metrics; tags on versions registered before)
 TAG_STATE = "lmops.registration"  # "complete" once card, audit entries and alias are done
 TAG_DONE = "lmops.registration.done."  # + step: a completion step done (card, registered, challenger)
@@ -118,6 +122,8 @@ def register(ws: Workspace, cfg: Config, run_id: str, ckpt_path: Path, eval_resu
                 model_id = run.data.tags[tracking.TAG_MODEL_ID]
             _link_evaluation(c, run_id, model_id, eval_results)
             tags = _version_tags(c, run, model_id, sha, gate_results, dataset_id)
+            if eval_results.get("champion_basis"):  # the champion on this version's validation split
+                tags[TAG_CHAMPION_BASIS] = json.dumps(eval_results["champion_basis"], sort_keys=True)
             mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
                                         model_id=model_id)
         if (mv.tags or {}).get(TAG_STATE) != "complete":
@@ -319,6 +325,9 @@ def promote(ws: Workspace, cfg: Config, ref: str = CHALLENGER, audit: Audit | No
     if current == version:
         return version
     champion = eval_metrics(c.get_model_version(name, current), c) if current else None
+    basis = json.loads((mv.tags or {}).get(TAG_CHAMPION_BASIS) or "{}")
+    if champion is not None and basis.get("version") == current:  # measured on this version's split
+        champion = {**champion, **basis["metrics"]}
     gates = check_gates(eval_metrics(mv, c), cfg.evaluate.gates, champion)
     failed = [g for g in gates if not g.passed]
     if failed and force_reason is None:
@@ -327,13 +336,9 @@ def promote(ws: Workspace, cfg: Config, ref: str = CHALLENGER, audit: Audit | No
                          f"{'v' + current if current else 'unset'}; train a better model, or force with a reason")
     if failed and not force_reason.strip():
         raise LmopsError(f"{name} v{version}: a gate override needs a reason; say why the failed gates do not matter")
-    if cfg.registry.require_approval:
-        approver = (mv.tags or {}).get(TAG_APPROVED_BY)
-        allowed = cfg.registry.approvers
-        if not approver or (allowed and approver not in allowed):
-            who = f"one of {', '.join(allowed)}" if allowed else "an approver"
-            raise LmopsError(f"{name} v{version} needs approval by {who} before promotion "
-                             f"(registry.require_approval); run `lmops approve {version}`")
+    missing = approval_missing(cfg, mv)
+    if missing:
+        raise LmopsError(missing)
     details = {"previous_champion": current, "gates": {g.name: g.passed for g in gates}}
     try:
         if failed:
@@ -344,6 +349,21 @@ def promote(ws: Workspace, cfg: Config, ref: str = CHALLENGER, audit: Audit | No
     except MlflowException as err:
         raise _mlflow_error(f"promoting {name} v{version}", err) from None
     return version
+
+
+def approval_missing(cfg: Config, mv: ModelVersion) -> str | None:
+    """Why mv may not become champion yet for want of an approval (registry.require_approval, or the
+    version's own TAG_NEEDS_APPROVAL, which the loop sets with loop.approve_before_promotion); None: it may."""
+    tags = mv.tags or {}
+    why = "registry.require_approval" if cfg.registry.require_approval else tags.get(TAG_NEEDS_APPROVAL)
+    if not why:
+        return None
+    approver, allowed = tags.get(TAG_APPROVED_BY), cfg.registry.approvers
+    if approver and (not allowed or approver in allowed):
+        return None
+    who = f"one of {', '.join(allowed)}" if allowed else "an approver"
+    return (f"{mv.name} v{mv.version} needs approval by {who} before promotion ({why}); "
+            f"run `lmops approve {mv.version}`")
 
 
 def approve(ws: Workspace, cfg: Config, version: str, approver: str, audit: Audit | None = None) -> str:
@@ -432,7 +452,27 @@ def lineage(ws: Workspace, cfg: Config, ref: str) -> dict:
         "code": {"git_commit": tag(tracking.TAG_GIT_COMMIT), "git_repo": rtags.get(tracking.TAG_GIT_REPO),
                  "lmops_version": tag(tracking.TAG_VERSION)},
         "eval": eval_metrics(mv, c),
+        "loop": _loop_lineage(ws, cfg, str(mv.version)),
     }
+
+
+def _loop_lineage(ws: Workspace, cfg: Config, version: str) -> dict | None:
+    """The loop run that made version (lmops/loop.py): the alert, the request-log window, the rollout, the
+    endpoint; None for a version trained otherwise."""
+    from lmops.store import Store
+
+    with Store.for_workspace(ws, cfg) as store:
+        runs = [r for r in store.loop.list(500) if r.details.get("version") == version]
+        if not runs:
+            return None
+        r = runs[0]
+        alert = next((a for a in store.alerts.list(1000, endpoint=r.endpoint) if a.id == r.alert_id), None)
+        rollout = store.rollouts.get(r.details["rollout"]) if r.details.get("rollout") else None
+    return {"run": r.id, "status": r.status, "outcome": r.outcome, "reason": r.reason, "endpoint": r.endpoint,
+            "alert": {"id": alert.id, "signal": alert.signal, "message": alert.message} if alert else None,
+            "window": [t.isoformat(timespec="seconds") if t else None for t in (r.window_start, r.window_end)],
+            "base": r.details.get("base"), "dataset": r.details.get("dataset"),
+            "rollout": {"id": rollout.id, "status": rollout.status, "deployment": rollout.target} if rollout else None}
 
 
 def _dataset_lineage(ws: Workspace, dataset_id: str | None) -> dict:
@@ -446,6 +486,9 @@ def _dataset_lineage(ws: Workspace, dataset_id: str | None) -> dict:
         except LmopsError:
             return out
         out["documents"] = version.manifest["totals"]["documents"]
+        from lmops.data.production import describe
+
+        out["production"] = describe(version)  # where its production prompts came from, if any
         out["sources"] = [{"path": s.get("path"), "sha256": s.get("sha256")} for s in version.report.get("sources", [])]
     return out
 
@@ -462,6 +505,16 @@ def render_lineage(lin: dict):
                 + (f", [yellow]override: {m['gate_override']}[/]" if m["gate_override"] else ""))
     run = root.add(f"run [bold]{r['name']}[/] {r['id']} ({r['status']}"
                    + (f", step {r['checkpoint_step']}" if r["checkpoint_step"] else "") + ")")
+    loop = lin.get("loop")
+    if loop:
+        a = loop["alert"]
+        trigger = root.add(f"loop run {loop['run']} ({loop['outcome'] or loop['status']}; `lmops loop status "
+                           f"{loop['run']}`)" + (f": alert {a['id']} {a['signal']}" if a else ": started by hand"))
+        trigger.add(f"request log of {loop['endpoint']}: {loop['window'][0]} .. {loop['window'][1]}")
+        if loop["rollout"]:
+            ro = loop["rollout"]
+            trigger.add(f"rollout {ro['id']} of {ro['deployment']} on endpoint {loop['endpoint']}: {ro['status']} "
+                        f"(`lmops rollout status {loop['endpoint']}`)")
     base = lin.get("base") or {}
     if base.get("model"):
         lora = base.get("lora")
@@ -473,6 +526,8 @@ def render_lineage(lin: dict):
     ds = lin["dataset"]
     dataset = run.add(f"dataset {ds['id'] or '(not recorded)'}"
                       + (f" ({ds['documents']} documents)" if "documents" in ds else ""))
+    for line in ds.get("production", []):
+        dataset.add(line.strip())
     sources = ds.get("sources", [])
     if sources:
         files = dataset.add(f"{len(sources)} corpus file(s)")

@@ -148,12 +148,46 @@ def evaluate(ws: Workspace, cfg: Config, run_dir: Path) -> dict:
     tracking.configure(ws, cfg)
     results = ev.evaluate_checkpoint(run_dir / CKPT_NAME, Path(tokens_dir), cfg)
     ev.log_evaluation(info.get("mlflow_run_id"), results)
-    gates = ev.check_gates(results, cfg.evaluate.gates, registry.champion_metrics(ws, cfg))
+    champion = registry.champion_metrics(ws, cfg)
+    basis = champion_on_this_split(ws, cfg, Path(tokens_dir), info.get("dataset")) if champion else None
+    if basis is not None:  # the champion measured on the same validation split: a fair comparison
+        results["champion_basis"] = basis
+        champion = {**champion, **basis["metrics"]}
+    gates = ev.check_gates(results, cfg.evaluate.gates, champion)
     Console(stderr=True).print(ev.render_gates(gates))
     out = {"results": results, "gates": [g.__dict__ for g in gates], "passed": all(g.passed for g in gates)}
     (run_dir / EVALUATION_FILE).write_text(json.dumps(out, indent=2, default=str))
     update_run_info(run_dir, evaluated=True)
     return out
+
+
+def champion_on_this_split(ws: Workspace, cfg: Config, tokens_dir: Path, dataset_id: str | None) -> dict | None:
+    """The champion's held-out loss on this run's validation split, when it reads the same tokens (a
+    warm start keeps the champion's tokenizer) but was evaluated on another dataset: its registered
+    val_bpb was measured on other text, and a run trained on new, harder data would fail the relative
+    gates against a number from easier text. {version, dataset, metrics}, or None (same dataset, or
+    another tokenizer: the registered numbers are what there is)."""
+    from lmops import evaluate as ev
+    from lmops import registry, tracking
+    from lmops.checkpoint import Checkpoint
+    from lmops.tokenizer import load_meta, load_tokenizer, load_tokens, tokenizer_sha256
+    from lmops.train import resolve_device
+
+    mv = registry.resolve(ws, cfg, f"{cfg.registry.model_name}@{registry.CHAMPION}")
+    if dataset_id is not None and (mv.tags or {}).get(tracking.TAG_DATASET) == dataset_id:
+        return None
+    path = registry.download_checkpoint(ws, cfg, f"{mv.name}@{mv.version}")
+    meta = load_meta(tokens_dir)
+    if tokenizer_sha256(load_tokenizer(path.parent)) != meta.get("tokenizer_sha256"):
+        return None
+    device = resolve_device(cfg.train.device)
+    model = Checkpoint(path).model(device).float().eval()
+    import torch
+
+    with torch.no_grad():
+        got = ev.heldout_loss(model, load_tokens(tokens_dir, "val"), meta, cfg.evaluate.batch_size, device)
+    metrics = {k: got[k] for k in ("val_loss", "val_ppl", "val_bpb")}
+    return {"version": str(mv.version), "dataset": dataset_id, "metrics": metrics}
 
 
 def register(ws: Workspace, cfg: Config, run_dir: Path, audit: Audit | None) -> str:

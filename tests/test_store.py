@@ -52,7 +52,7 @@ def test_migrated_schema_is_the_orm_schema(store, url):
         ctx = MigrationContext.configure(conn, opts=opts)
         assert compare_metadata(ctx, Base.metadata) == []
         head = ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
-        assert ctx.get_current_revision() == head == "0005"
+        assert ctx.get_current_revision() == head == "0006"
     with Store.open(url) as again:  # opening a store at head changes nothing
         assert again.audit.verify().ok
     assert (MIGRATIONS / "env.py").is_file()

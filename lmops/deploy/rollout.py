@@ -105,12 +105,9 @@ def registry_promoter(ws, cfg: Config, actor: str) -> Promote:
             return Promotion("promoted", f"{dep.model_name} v{dep.model_version} is champion already",
                              dep.model_version, previous)
         mv = registry.resolve(ws, cfg, ref)
-        if cfg.registry.require_approval:
-            approver, allowed = (mv.tags or {}).get(registry.TAG_APPROVED_BY), cfg.registry.approvers
-            if not approver or (allowed and approver not in allowed):
-                return Promotion("needs_approval", f"{dep.model_name} v{dep.model_version} needs approval before it "
-                                 f"becomes champion (registry.require_approval): `lmops approve {dep.model_version}`",
-                                 None, previous)
+        missing = registry.approval_missing(cfg, mv)
+        if missing:
+            return Promotion("needs_approval", missing, None, previous)
         with Store.for_workspace(ws, cfg) as store:
             def audit(action, subject, details, reason=None):
                 store.audit.append(actor, action, subject, details, reason)

@@ -16,6 +16,7 @@ session outlives the method that opened it) and the operations on them:
     store.monitor    monitor results per run and signal (lmops/store/monitor.py)
     store.alerts     alerts and their webhook delivery  (lmops/store/monitor.py)
     store.feedback   users' scores of completions       (lmops/store/monitor.py)
+    store.loop       the loop's runs: alert -> retrain -> canary (lmops/store/loop.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lmops.store.db import (
     MIGRATIONS, VERSION_TABLE, Base, alembic_config, create, default_actor, mask_url, migrate, utcnow,
 )
 from lmops.store.monitor import Alert, Alerts, Feedback, FeedbackLog, MonitorResult, MonitorResults
+from lmops.store.loop import LoopRun, LoopRuns
 from lmops.store.keys import KEY_PREFIX, ROLES, ApiKey, ApiKeys
 from lmops.store.pipeline import LockHolder, PipelineRun, PipelineRuns, StepRun
 from lmops.store.requests import REQUEST_FIELDS, RequestLog, RequestRecord, request_row
@@ -50,7 +52,7 @@ DB_FILE = "lmops.db"
 
 __all__ = [
     "Alert", "Feedback", "MonitorResult", "DB_FILE", "GENESIS", "AnswerScore", "KEY_PREFIX", "MIGRATIONS", "REQUEST_FIELDS", "ROLES", "VERSION_TABLE", "ApiKey",
-    "AuditEntry", "AuditVerification", "Base", "DatasetRecord", "LockHolder", "PipelineRun", "RequestRecord", "Rollout",
+    "AuditEntry", "AuditVerification", "Base", "DatasetRecord", "LockHolder", "LoopRun", "PipelineRun", "RequestRecord", "Rollout",
     "StepRun", "Store", "alembic_config", "audit_hash", "default_actor", "request_row", "utcnow",
 ]
 
@@ -71,6 +73,7 @@ class Store:
         self.monitor = MonitorResults(sessions)
         self.alerts = Alerts(sessions)
         self.feedback = FeedbackLog(sessions)
+        self.loop = LoopRuns(sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:

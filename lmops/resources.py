@@ -1,0 +1,59 @@
+"""Sharing one machine's CPU between a server and a training run (the loop retrains beside `lmops serve`).
+
+Measured before this module (issue 13): with other heavy processes on 2 cores, a training run asking
+for a thread per core ran 5-20x slower than its share of the CPU predicts, because every PyTorch/OpenMP
+thread spins between parallel regions waiting for work while the other process holds the core, and a
+spinning thread burns the time slice the thread it waits for needs. So a background process:
+
+- uses the cores it may actually run on: the CPU affinity mask (taskset, a container's cpuset) and the
+  cgroup's CPU quota (a container limited to 1.5 CPUs gets 1 thread, not one per host core);
+- tells OpenMP to sleep rather than spin when idle (OMP_WAIT_POLICY=PASSIVE; must be set before
+  PyTorch starts its pool, which is why the CLI commands that retrain call `background` first);
+- lowers its priority (nice), so the server's requests are scheduled first when both want a core.
+
+The server keeps its own settings: its latency is what matters, and at nice 0 it is scheduled first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+BACKGROUND_NICE = 10  # over a server's 0: it gets the cores first, training still progresses (19 starves it)
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores() -> int:
+    """Cores this process may use: its affinity mask, capped by the cgroup v2 CPU quota (rounded down, at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def background(threads: int | None = None, nice: int = BACKGROUND_NICE) -> int:
+    """Make this process a polite background worker before PyTorch starts: OpenMP threads that sleep when
+    idle, priority lowered to `nice` (never raised back), and PyTorch's thread count set to threads (default
+    available_cores()). Returns the thread count."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")  # the same for Intel's OpenMP, should a build use it
+    try:
+        current = os.nice(0)
+        if current < nice:
+            os.nice(nice - current)
+    except OSError:
+        pass  # not permitted here: run at the priority given
+    n = threads or available_cores()
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    import torch
+
+    torch.set_num_threads(n)
+    return n
