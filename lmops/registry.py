@@ -659,14 +659,18 @@ def model_card(name: str, version: str, run, ckpt_path: Path, results: dict, gat
     n_params = metrics.get("n_params")
     nan = float("nan")
     rep, dist, safe = (metrics.get(k, nan) for k in ("repetition", "distinct_2", "safety_pass_rate"))
+    base = tags.get(tracking.TAG_BASE)
+    how = "trained from scratch" if not base else \
+        f"fine-tuned from {base}" + (" with LoRA adapters" if meta.get("lora") else "")
     lines = [
         f"# {name} v{version}", "",
-        "A decoder-only transformer (Llama family) trained from scratch with lmops "
+        f"A decoder-only transformer (Llama family) {how} with lmops "
         f"{tags.get(tracking.TAG_VERSION, '?')}" + (f": {n_params / 1e6:.2f}M parameters" if n_params else "") + ".", "",
         "## Lineage", "",
         "| | |", "|---|---|",
         f"| model version | `{name}` v{version} |",
         f"| MLflow run | `{run.info.run_id}` ({run.info.run_name}) |",
+        *([f"| base model | `{base}` (sha256 `{tags.get(tracking.TAG_BASE_SHA, '?')[:16]}`) |"] if base else []),
         f"| dataset version | `{dataset_id or 'not recorded'}` |",
         f"| tokenizer sha256 | `{tags.get(tracking.TAG_TOKENIZER, '?')}` |",
         f"| git commit | `{tags.get(tracking.TAG_GIT_COMMIT, 'unknown')}` ({tags.get(tracking.TAG_GIT_REPO, '?')}) |",

@@ -164,6 +164,29 @@ def test_approval_before_the_canary_waits_for_a_person(champion, cli):
     assert "loop.approved" in actions(store, run.id)
 
 
+def test_the_server_follows_its_monitor_runs_with_a_pass_of_the_loop(champion):
+    import asyncio
+
+    from lmops.serve.monitoring import Monitoring
+
+    ws, cfg, store = champion
+    shifted_alerts(ws, cfg, store)
+    assert "loop.on_alert=\"notify\"" in " ".join(Monitoring(override(cfg, ["loop.on_alert=notify"]), store, ws, "chat",
+                                                            None).loop_command())
+
+    async def after(on_alert: str) -> Monitoring:
+        m = Monitoring(override(cfg, [f"loop.on_alert={on_alert}"]), store, ws, "chat", None)
+        m._after_monitor()
+        if m._loop is not None:
+            assert await m._loop == 0
+        return m
+
+    assert asyncio.run(after("none")).loop_passes == 0 and store.loop.list() == []
+    assert asyncio.run(after("notify")).loop_passes == 1  # a child process `lmops loop run`, with this config
+    [run] = store.loop.list()
+    assert (run.status, run.outcome) == ("skipped", "notified")
+
+
 # ----------------------------------------------------------------------------- the scenarios
 
 

@@ -63,6 +63,8 @@ def test_warm_start_from_the_champion_keeps_its_tokenizer_and_weights_and_names_
 
     lin = registry.lineage(ws, cfg, out.outputs["register"]["version"])
     assert lin["base"]["model"] == "lmops-model@1"
+    card = registry.resolve(ws, cfg, out.outputs["register"]["version"]).description
+    assert "fine-tuned from lmops-model@1 with lmops" in card and "| base model | `lmops-model@1`" in card
     from rich.console import Console
 
     console = Console(width=200, record=True)

@@ -5,6 +5,10 @@
   statistics then never hold the server's event loop or its GIL, and the kernel gives the serving
   threads the cores first. With several replicas on one store, a replica skips its turn when a run of
   the last interval is already in the store, so the fleet makes about one run per interval.
+- With loop.on_alert other than none and an endpoint served, each scheduled monitor run is followed by a
+  pass of the loop (`lmops loop run --no-drive`, lmops/loop.py) as a child process, one at a time: a drift
+  alert it raised becomes a loop run there and then, and a retrain trains in that child, which lowers its
+  own priority (lmops/resources.py) while this server goes on answering and drives the canary.
 - Every GAUGE_REFRESH_S the latest run in the store (whoever made it: this server, a replica,
   `lmops monitor watch`, a CI schedule) is published as `lmops:drift_score{signal, deployment}`, with
   its threshold as `lmops:drift_threshold` and `lmops:monitor_alert` (1 while past it).
@@ -34,6 +38,8 @@ class Monitoring:
         self.cfg, self.store, self.ws, self.endpoint, self.model_ref = cfg, store, ws, endpoint, model_ref
         self.tasks: list[asyncio.Task] = []
         self.runs = 0
+        self.loop_passes = 0
+        self._loop: asyncio.Task | None = None
         self.gauges = None
         if metrics is not None:
             r = metrics.registry
@@ -49,7 +55,7 @@ class Monitoring:
             self.tasks.append(asyncio.create_task(self._schedule_loop()))
 
     def stop(self) -> None:
-        for t in self.tasks:
+        for t in [*self.tasks, *([self._loop] if self._loop else [])]:
             t.cancel()
 
     # ---------------------------------------------------------------------------- gauges
@@ -83,6 +89,34 @@ class Monitoring:
                 sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
         return [sys.executable, "-m", "lmops", "monitor", "run", *target, "-w", str(self.ws.root), *sets]
 
+    def loop_command(self) -> list[str]:
+        """A pass of the loop with this server's whole configuration (a retrain needs every section)."""
+        sets = []
+        for section, values in self.cfg.to_dict().items():
+            for key, value in values.items():
+                sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
+        return [sys.executable, "-m", "lmops", "loop", "run", "--no-drive", "-w", str(self.ws.root), *sets]
+
+    async def loop_once(self) -> int:
+        """One pass of the loop in a child process (it lowers its own priority); its exit code."""
+        proc = await asyncio.create_subprocess_exec(*self.loop_command(), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:  # the server is stopping: the loop continues the run at its next pass
+            proc.kill()
+            await proc.wait()
+            raise
+        self.loop_passes += 1
+        if proc.returncode != 0:
+            log.warning("loop pass failed (exit %s): %s", proc.returncode,
+                        err.decode(errors="replace").strip().splitlines()[-1:] or "")
+        return proc.returncode
+
+    def _after_monitor(self) -> None:
+        if self.cfg.loop.on_alert != "none" and self.endpoint and (self._loop is None or self._loop.done()):
+            self._loop = asyncio.create_task(self.loop_once())
+
     def due(self) -> bool:
         """No run of what this server serves in the last interval (made by anyone)."""
         latest = self.store.monitor.latest_run(self.endpoint)
@@ -115,6 +149,7 @@ class Monitoring:
             try:
                 if await asyncio.to_thread(self.due):
                     await self.run_once()
+                    self._after_monitor()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the next interval tries again

@@ -310,13 +310,19 @@ JOBS = (
 
 MONITOR_CRON = "17 * * * *"  # hourly, off the hour (GitHub delays runs scheduled at :00 most)
 MONITOR_DIR = "lmops-monitor"
-MONITOR = Run("monitor", "Monitor production (drift, quality, feedback; exit 3 on an alert)", f"""
+MONITOR = Run("monitor", "Monitor production, then a pass of the loop (loop.on_alert decides; exit 3 on an alert)", f"""
 mkdir -p {MONITOR_DIR}
-lmops monitor run --endpoint {PRODUCTION} --window 1h --fail-on-alert | tee {MONITOR_DIR}/monitor.txt
+status=0
+lmops monitor run --endpoint {PRODUCTION} --window 1h --fail-on-alert | tee {MONITOR_DIR}/monitor.txt || status=$?
+# the loop reads the alerts just recorded: a retrain (loop.on_alert: retrain) trains here and starts the
+# canary, which the production servers drive; the next scheduled run follows it to promotion or rollback
+lmops loop run --no-drive | tee {MONITOR_DIR}/loop.txt
+exit "$status"
 """)
 # Not in JOBS: the push path (and stage_runs, which the step-runner test executes) stays as it was.
-MONITOR_JOB = Job("monitor", "scheduled monitor of production", (INSTALL, MONITOR, Publish("lmops-monitor", MONITOR_DIR)),
-                  secrets=True, one_at_a_time=True, timeout_minutes=60, scheduled=True)
+MONITOR_JOB = Job("monitor", "scheduled monitor of production and the loop", (INSTALL, MONITOR,
+                                                                               Publish("lmops-monitor", MONITOR_DIR)),
+                  secrets=True, one_at_a_time=True, timeout_minutes=360, scheduled=True)  # 6 h: a pass may retrain
 
 
 def stage_runs() -> list[Run]:

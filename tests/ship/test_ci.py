@@ -651,6 +651,7 @@ def test_the_scheduled_monitor_job_runs_only_on_the_schedule_in_both_files(tmp_p
     assert {s.env for s in ci.SECRETS} <= set(job["env"])
     runs = [s["run"] for s in job["steps"] if "run" in s]
     assert any("lmops monitor run --endpoint production" in r and "--fail-on-alert" in r for r in runs)
+    assert any("lmops loop run --no-drive" in r for r in runs), "the loop follows each scheduled monitor run"
     assert any(s.get("uses", "").startswith("actions/upload-artifact") and s["with"]["path"] == "lmops-monitor/"
                for s in job["steps"])
     for name, other in gh["jobs"].items():  # on a schedule: only the monitor (the rest need test or build)
@@ -668,3 +669,19 @@ def test_the_scheduled_monitor_job_runs_only_on_the_schedule_in_both_files(tmp_p
     script = next(s for s in steps if "lmops monitor run" in s.get("script", ""))
     assert "--fail-on-alert" in script["script"] and {s.env for s in ci.SECRETS} <= set(script["env"])
     assert any(s.get("publish") == "lmops-monitor" for s in steps)
+
+
+def test_the_monitor_step_runs_the_loop_after_an_alert_and_still_exits_3(tmp_path):
+    """The step's shell composition (lmops itself stubbed by a shell function, the one thing this checks is
+    the script: a monitor run that alerts, exit 3, is followed by the loop's pass, and the step then fails
+    with the monitor's 3; a quiet monitor run passes)."""
+    import subprocess
+
+    for monitor_exit, want in ((3, 3), (0, 0)):
+        stub = (f'lmops() {{ case "$1" in monitor) echo "monitor $*"; return {monitor_exit};; '
+                'loop) echo "loop $*";; esac; }\n')
+        out = subprocess.run(["bash", "-c", stub + ci.MONITOR.text()], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == want, out.stderr
+        assert "loop loop run --no-drive" in out.stdout
+        assert (tmp_path / ci.MONITOR_DIR / "loop.txt").read_text().startswith("loop loop run")
+
