@@ -99,19 +99,9 @@ class Monitoring:
 
     async def loop_once(self) -> int:
         """One pass of the loop in a child process (it lowers its own priority); its exit code."""
-        proc = await asyncio.create_subprocess_exec(*self.loop_command(), stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
-        try:
-            _, err = await proc.communicate()
-        except asyncio.CancelledError:  # the server is stopping: the loop continues the run at its next pass
-            proc.kill()
-            await proc.wait()
-            raise
+        code = await _child(self.loop_command(), "loop pass")
         self.loop_passes += 1
-        if proc.returncode != 0:
-            log.warning("loop pass failed (exit %s): %s", proc.returncode,
-                        err.decode(errors="replace").strip().splitlines()[-1:] or "")
-        return proc.returncode
+        return code
 
     def _after_monitor(self) -> None:
         if self.cfg.loop.on_alert != "none" and self.endpoint and (self._loop is None or self._loop.done()):
@@ -124,21 +114,11 @@ class Monitoring:
 
     async def run_once(self) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = await asyncio.create_subprocess_exec(*self.command(), env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.nice(19))
-        try:
-            _, err = await proc.communicate()
-        except asyncio.CancelledError:  # the server is stopping: so is its run
-            proc.kill()
-            await proc.wait()
-            raise
+        code = await _child(self.command(), "scheduled monitor run", env=env, preexec_fn=lambda: os.nice(19))
         self.runs += 1
-        if proc.returncode != 0:
-            log.warning("scheduled monitor run failed (exit %s): %s", proc.returncode,
-                        err.decode(errors="replace").strip().splitlines()[-1:] or "")
-        elif self.gauges is not None:
+        if code == 0 and self.gauges is not None:
             await asyncio.to_thread(self.refresh)
-        return proc.returncode
+        return code
 
     async def _schedule_loop(self) -> None:
         interval = self.cfg.monitor.interval_s
@@ -155,3 +135,21 @@ class Monitoring:
             except Exception:  # noqa: BLE001 - the next interval tries again
                 log.exception("scheduled monitor run")
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+
+async def _child(command: list[str], what: str, **options) -> int:
+    """Run command as a child process to its end (killed if the server stops meanwhile); its exit code, a
+    failure logged with the last line it wrote to stderr."""
+    proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE, **options)
+    try:
+        _, err = await proc.communicate()
+    except asyncio.CancelledError:  # the server is stopping: so is its child (a loop continues at its next pass)
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        log.warning("%s failed (exit %s): %s", what, proc.returncode,
+                    err.decode(errors="replace").strip().splitlines()[-1:] or "")
+    return proc.returncode
+
