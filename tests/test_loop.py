@@ -38,7 +38,7 @@ LOOP = [
     *TINY, "model.block_size=64", "train.max_steps=40", "train.eval_interval=40", "train.checkpoint_interval=10", "evaluate.max_new_tokens=8",
     "monitor.sample=64", "monitor.min_requests=20", "monitor.reference_size=400", "monitor.false_alarm_rate=0.001",
     "monitor.calibration_rounds=100", "monitor.permutations=200", "monitor.repeat_s=0",
-    "data.use_production_prompts=true", "loop.on_alert=retrain", "loop.endpoint=chat", "loop.cooldown_s=0",
+    "data.use_production_prompts=true", "data.mix=0.5", "loop.on_alert=retrain", "loop.endpoint=chat", "loop.cooldown_s=0",
     "loop.max_retrains_per_day=10", "loop.steps=[50,100]",
     "rollout.window_s=1.5", "rollout.tick_interval_s=0.2", "rollout.lease_s=2", "rollout.min_requests=8",
     "serve.endpoint_poll_s=0.2", "auth.rate_limit_per_s=100000", "auth.burst=100000",
@@ -162,6 +162,19 @@ def test_approval_before_the_canary_waits_for_a_person(champion, cli):
     assert (after.step, after.status) == ("canary", "waiting") and after.details["canary_approved_by"] == "carol"
     assert store.endpoints.get("chat").traffic.get("v2") == 0 and store.rollouts.get(after.details["rollout"]).active
     assert "loop.approved" in actions(store, run.id)
+
+
+def test_a_retrain_by_hand_and_one_at_a_time(champion, cli):
+    ws, cfg, store = champion
+    assert "no loop runs yet (loop.on_alert is notify)" in cli("loop", "status")
+    out = cli("loop", "retrain", "--endpoint", "chat", "--since", "2h", "--no-wait")
+    assert "retraining lmops-model v1 on chat's prompts" in out and "by hand" in out
+    [run] = store.loop.list()
+    assert (run.step, run.status, run.alert_id) == ("triggered", "running", None)
+    assert (run.window_end - run.window_start) == timedelta(hours=2)
+    refused = cli("loop", "retrain", "--endpoint", "chat", code=1)
+    assert f"loop run {run.id} is retraining chat already" in refused
+    assert "by hand" in cli("loop", "status")
 
 
 def test_the_server_follows_its_monitor_runs_with_a_pass_of_the_loop(champion):
