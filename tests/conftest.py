@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny workspace on a slice of the demo corpus (no download, seconds to train)."""
 
+import os
 import uuid
 
 import pytest
@@ -10,6 +11,17 @@ from lmops.store import Store
 from lmops.workspace import init_workspace
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def pytest_configure(config):
+    """Under xdist each worker gets its share of the cores, for itself and the processes it starts (set
+    before PyTorch starts its pool): two workers of a thread per core each would oversubscribe the cores,
+    and PyTorch's spinning threads then slow everything down many times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(share))
 
 TINY = [
     "tokenizer.kind=char", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=32",
