@@ -17,6 +17,9 @@ def pytest_configure(config):
     """Under xdist each worker gets its share of the cores, for itself and the processes it starts (set
     before PyTorch starts its pool): two workers of a thread per core each would oversubscribe the cores,
     and PyTorch's spinning threads then slow everything down many times over."""
+    # Rich sizes lmops's consoles when lmops.cli is first imported, which any test may do first: tables
+    # as wide as the cli fixture's COLUMNS whatever the order the tests run in
+    os.environ.setdefault("COLUMNS", "200")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         share = max(1, (os.cpu_count() or 1) // workers)
