@@ -119,7 +119,7 @@ def _decide_one(ws, cfg: Config, store: Store, actor: str, endpoint: str, alerts
                        "`lmops loop retrain` starts a retrain")
     now = utcnow()
     recent = [r for r in store.loop.list(200, endpoint=endpoint, since=now - timedelta(days=1)) if r.step != "decided"]
-    busy = [r for r in store.loop.list(10, endpoint=endpoint, active=True)]
+    busy = store.loop.list(10, endpoint=endpoint, active=True)
     if busy:
         return skipped("busy", f"loop run {busy[0].id} is retraining already (step {busy[0].step})")
     if recent and (now - recent[0].created).total_seconds() < lc.cooldown_s:
@@ -201,8 +201,7 @@ def advance(ws: Workspace, cfg: Config, store: Store, run_id: int, actor: str, l
 def _finish(store: Store, actor: str, run: LoopRun, me: str, status: str, outcome: str, reason: str,
             log: Log, **details: Any) -> LoopRun:
     done = store.loop.update(run.id, me, status=status, outcome=outcome, reason=reason, details=details)
-    action = {"succeeded": "promoted" if outcome == "promoted" else "succeeded"}.get(status, outcome)
-    _audit(store, actor, done, action, {"step": run.step, **details}, reason)
+    _audit(store, actor, done, outcome, {"step": run.step, **details}, reason)  # loop.promoted, loop.rolled_back, ...
     log(f"loop run {run.id}: {outcome}: {reason}")
     return done
 
