@@ -71,16 +71,14 @@ class Context:
     outputs: dict[str, dict] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     dataset: str | None = None  # given: the ingest step takes this dataset version instead of data.corpus
-    _base: list = field(default_factory=list)
 
+    @functools.cached_property
     def base(self):
         """train.init_from resolved once per run (lmops.warmstart.BaseModel, or None from scratch): the
         champion it names is the one of this run's start."""
-        if not self._base:
-            from lmops import warmstart
+        from lmops import warmstart
 
-            self._base.append(warmstart.resolve(self.ws, self.cfg))
-        return self._base[0]
+        return warmstart.resolve(self.ws, self.cfg)
 
     def audit(self, action: str, subject: str, details: dict, reason: str | None = None) -> None:
         self.store.audit.append(self.actor, action, subject, details, reason)
@@ -103,11 +101,11 @@ KEYS: dict[str, Callable[[Context], str]] = {
                              c.cfg.data.model_dump(mode="json", exclude=DATA_GATES | PRODUCTION), c.section("safety")),
     "validate": lambda c: _key(c, "validate", c.outputs["ingest"]["dataset"], c.cfg.data.model_dump(mode="json", include=DATA_GATES)),
     "tokenize": lambda c: _key(c, "tokenize", c.outputs["ingest"]["dataset"],
-                               _base_tokenizer(c.base()) if c.cfg.train.init_from else c.section("tokenizer")),
+                               _base_tokenizer(c.base) if c.cfg.train.init_from else c.section("tokenizer")),
     # the base by its weights, not by the name init_from gives them (champion today, 3 tomorrow)
     "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model"),
                             c.cfg.train.model_dump(mode="json", exclude={"init_from"}),
-                            c.base().sha256 if c.cfg.train.init_from else None),
+                            c.base.sha256 if c.cfg.train.init_from else None),
     "evaluate": lambda c: _key(c, "evaluate", c.keys["train"], c.section("evaluate", "safety")),
     "register": lambda c: _key(c, "register", c.keys["evaluate"], c.section("registry", "tracking")),
     "promote": lambda c: _key(c, "promote", c.outputs["register"]["version"], c.section("registry")),
@@ -144,7 +142,7 @@ def step_validate(ctx: Context) -> dict:
 
 def step_tokenize(ctx: Context) -> dict:
     out = ctx.ws.state / "pipeline" / "tokenize" / ctx.keys["tokenize"][:16]
-    return stages.tokenize(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], out, log=ctx.log, base=ctx.base())
+    return stages.tokenize(ctx.ws, ctx.cfg, ctx.outputs["ingest"]["dataset"], out, log=ctx.log, base=ctx.base)
 
 
 def step_train(ctx: Context) -> dict:
@@ -157,7 +155,7 @@ def step_train(ctx: Context) -> dict:
     ckpt = run_dir / CKPT_NAME
     resume = ckpt.is_file() and Checkpoint(ckpt).meta.get("step", 0) < ctx.cfg.train.max_steps
     result = stages.train(ctx.ws, ctx.cfg, ctx.outputs["tokenize"], run_dir, resume=resume, progress=ctx.progress,
-                          log=ctx.log, base=ctx.base())
+                          log=ctx.log, base=ctx.base)
 
     return {"checkpoint": str(result.checkpoint), "run_dir": str(run_dir),
             "mlflow_run_id": read_run_info(run_dir)["mlflow_run_id"], "metrics": result.metrics}

@@ -167,6 +167,8 @@ def champion_on_this_split(ws: Workspace, cfg: Config, tokens_dir: Path, dataset
     val_bpb was measured on other text, and a run trained on new, harder data would fail the relative
     gates against a number from easier text. {version, dataset, metrics}, or None (same dataset, or
     another tokenizer: the registered numbers are what there is)."""
+    import torch
+
     from lmops import evaluate as ev
     from lmops import registry, tracking
     from lmops.checkpoint import Checkpoint
@@ -182,8 +184,6 @@ def champion_on_this_split(ws: Workspace, cfg: Config, tokens_dir: Path, dataset
         return None
     device = resolve_device(cfg.train.device)
     model = Checkpoint(path).model(device).float().eval()
-    import torch
-
     with torch.no_grad():
         got = ev.heldout_loss(model, load_tokens(tokens_dir, "val"), meta, cfg.evaluate.batch_size, device)
     metrics = {k: got[k] for k in ("val_loss", "val_ppl", "val_bpb")}
