@@ -25,11 +25,41 @@ FORMAT = "lmops-checkpoint-1"
 CKPT_NAME = "ckpt.safetensors"  # a run folder's checkpoint; a registered model's weights-only one too
 
 
-def _model_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _tied(model) -> list[str]:
+    """State-dict keys that alias another's tensor (a tied output head): saved once, tied again on load."""
+    if isinstance(model, GPT):
+        return ["lm_head.weight"] if model.cfg.tie_embeddings else []
+    return model.tied_keys()
+
+
+def _model_tensors(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict() if state is None else state)
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as embed.weight; safetensors refuses aliases
+    for key in _tied(model):
+        state.pop(key)  # the same tensor as the embedding's; safetensors refuses aliases
     return {f"model.{k}": v.detach().contiguous() for k, v in state.items()}
+
+
+def config_metadata(cfg) -> tuple[str, str]:
+    """The metadata key and JSON of a model config: gpt_config (lmops's GPT) or hf_config (lmops/transformers_lm.py)."""
+    return ("gpt_config" if isinstance(cfg, GPTConfig) else "hf_config"), json.dumps(cfg.to_dict())
+
+
+def config_from(metadata: dict):
+    """The model config config_metadata wrote (GPTConfig or TransformersConfig)."""
+    if "hf_config" in metadata:
+        from lmops.transformers_lm import TransformersConfig
+
+        return TransformersConfig.from_dict(json.loads(metadata["hf_config"]))
+    return GPTConfig(**json.loads(metadata["gpt_config"]))
+
+
+def model_of(cfg):
+    """A new model of a config: lmops's GPT, or a transformers model wrapped as one (lmops/transformers_lm.py)."""
+    if isinstance(cfg, GPTConfig):
+        return GPT(cfg)
+    from lmops.transformers_lm import TransformersLM
+
+    return TransformersLM(cfg)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -38,7 +68,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, sd["param_groups"]
 
 
-def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None,
+def save_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer | None = None,
                     rng: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None,
                     model_state: dict[str, torch.Tensor] | None = None,
                     extra: dict[str, torch.Tensor] | None = None) -> Path:
@@ -47,7 +77,8 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | N
     model_state: the model's weights when they are not model.state_dict() (a LoRA run's merged
     weights, lmops/lora.py); extra: more tensors by their full names (a LoRA run's "lora." adapters)."""
     tensors = _model_tensors(model, model_state)
-    metadata = {"format": FORMAT, "gpt_config": json.dumps(model.cfg.to_dict())}
+    key, cfg_json = config_metadata(model.cfg)
+    metadata = {"format": FORMAT, key: cfg_json}
     if optimizer is not None:
         opt_tensors, groups = _optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
@@ -95,7 +126,7 @@ class Checkpoint:
             raise LmopsError(f"{self.path}: not a readable checkpoint ({err})") from None
         if metadata.get("format") != FORMAT:
             raise LmopsError(f"{self.path}: not an lmops checkpoint (format {metadata.get('format')!r})")
-        self.gpt_config = GPTConfig(**json.loads(metadata["gpt_config"]))
+        self.model_config = config_from(metadata)  # GPTConfig, or TransformersConfig for another architecture
         self.meta: dict[str, Any] = json.loads(metadata.get("meta", "{}"))
         self._groups = json.loads(metadata["optim_groups"]) if "optim_groups" in metadata else None
 
@@ -104,16 +135,24 @@ class Checkpoint:
         with safe_open(str(self.path), framework="pt") as f:
             return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
-    def model(self, device: str | torch.device = "cpu") -> GPT:
-        model = GPT(self.gpt_config)
+    def model(self, device: str | torch.device = "cpu"):
+        """The model: a GPT, or a TransformersLM (lmops/transformers_lm.py) for another architecture."""
+        model = model_of(self.model_config)
         self.load_model_into(model)
         return model.to(device)
 
-    def load_model_into(self, model: GPT) -> None:
+    def load_model_into(self, model) -> None:
         state = self.tensors("model.")
-        if model.cfg.tie_embeddings:
-            state["lm_head.weight"] = state["embed.weight"]
-        model.load_state_dict(state, strict=True)
+        if isinstance(model, GPT):
+            if model.cfg.tie_embeddings:
+                state["lm_head.weight"] = state["embed.weight"]
+            model.load_state_dict(state, strict=True)
+            return
+        tied = set(model.tied_keys())
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if set(missing) - tied or unexpected:
+            raise LmopsError(f"{self.path}: its weights do not fit the model of its config (missing "
+                             f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
     def load_optimizer_into(self, optimizer: torch.optim.Optimizer) -> None:
         if self._groups is None:

@@ -141,7 +141,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint, exactly.")] = False,
     stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (resume later); the schedule still spans train.max_steps.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from this model's weights and tokenizer (train.init_from): champion, a version, a run folder or checkpoint, a Hugging Face Llama folder.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this model's weights and tokenizer (train.init_from): champion, a version, a run folder or checkpoint, a Hugging Face model folder (a Llama, or another architecture transformers loads).")] = None,
 ):
     """Train the model of lmops.yaml on the corpus's dataset version.
 
@@ -351,14 +351,16 @@ def export(
     run: ModelRunOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty folder.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="A registered version instead (NAME@alias, NAME@3, 3).")] = None,
-    adapter: Annotated[bool, typer.Option("--adapter", help="A LoRA fine-tune's adapter alone, as a PEFT adapter (Llama's module names) of its base's export, instead of the merged model.")] = False,
+    adapter: Annotated[bool, typer.Option("--adapter", help="A LoRA fine-tune's adapter alone, as a PEFT adapter (the Hugging Face module names: Llama's, or its own architecture's) of its base's export, instead of the merged model.")] = False,
 ):
     """Export the champion (or a run, or a version) as a Hugging Face LlamaForCausalLM folder (config,
-    safetensors, tokenizer). A LoRA fine-tune exports merged; with --adapter, its adapter alone:
-    load it with peft.PeftModel.from_pretrained(the base's export, OUT)."""
+    safetensors, tokenizer); a model of another architecture (fine-tuned from a GPT-2, OPT, ... folder)
+    as a folder of its own architecture. A LoRA fine-tune exports merged; with --adapter, its adapter
+    alone: load it with peft.PeftModel.from_pretrained(the base's export, OUT)."""
     from lmops import stages
     from lmops.checkpoint import Checkpoint
     from lmops.hf import export_hf
+    from lmops.model import GPT
 
     if model is not None and run is not None:
         raise LmopsError("give --model or --run, not both")
@@ -377,24 +379,33 @@ def export(
         log(f"exported the LoRA adapter of {what} to {path}; load with "
             f"peft.PeftModel.from_pretrained(<its base exported by `lmops export`>, {str(path)!r})")
         return
-    path = export_hf(Checkpoint(ckpt).model(), out, tokenizer_dir=ckpt.parent, overwrite=overwrite)
+    loaded = Checkpoint(ckpt).model()
+    if isinstance(loaded, GPT):
+        path = export_hf(loaded, out, tokenizer_dir=ckpt.parent, overwrite=overwrite)
+    else:  # another architecture (lmops/transformers_lm.py): its own Hugging Face folder
+        from lmops.transformers_lm import export_folder
+
+        path = export_folder(loaded, out, tokenizer_dir=ckpt.parent, overwrite=overwrite)
     log(f"exported {what} to {path}; load with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 
 
 @app.command("import")
 @friendly
 def import_(
-    folder: Annotated[Path, typer.Argument(help="A Hugging Face Llama folder (config.json + model.safetensors).")],
+    folder: Annotated[Path, typer.Argument(help="A Hugging Face model folder (config.json + safetensors): a Llama, or another causal-LM architecture transformers loads.")],
     workspace: WorkspaceOpt = None,
     run: RunOpt = "imported",
 ):
-    """Import a Hugging Face Llama model as a run checkpoint (then `lmops generate --run RUN`)."""
+    """Import a Hugging Face model as a run checkpoint (then `lmops generate --run RUN`).
+
+    A Llama becomes lmops's own model; another architecture (GPT-2, OPT, Qwen2, ...) is kept as the
+    transformers model (needs transformers: pip install 'lmops[hf]')."""
     from lmops.checkpoint import CKPT_NAME, save_checkpoint
-    from lmops.hf import import_hf
+    from lmops.hf import load_folder
     from lmops.workspace import find_workspace
 
     run_dir = find_workspace(workspace).run_dir(run)
-    model = import_hf(folder)
+    model = load_folder(folder)
     save_checkpoint(run_dir / CKPT_NAME, model, meta={"step": 0, "imported_from": str(folder.resolve())})
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).exists():

@@ -188,17 +188,18 @@ class LoraConfig(Section):
                            "recipes use, because fine-tuning data is small and overfits easily.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["qkv", "proj"],
-        description="lmops's layers to adapt, of qkv, proj (attention), gate_up, down (MLP): attention, as the "
-        "LoRA paper found sufficient; add gate_up and down for more capacity.",
+        description="The layers to adapt. lmops's, of qkv, proj (attention), gate_up, down (MLP): attention, as "
+        "the LoRA paper found sufficient; add gate_up and down for more capacity. A base of another "
+        "architecture (a transformers model) names its own (GPT-2: c_attn, c_proj, c_fc); when none of "
+        "these names is one of its modules, peft's default for its type is used. Checked against the base "
+        "model when training starts.",
     )
 
     @field_validator("target_modules")
     @classmethod
-    def _known_targets(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in LORA_TARGETS]
-        if unknown or not v:
-            what = f"unknown module {', '.join(map(repr, unknown))}" if unknown else "no module named"
-            raise ValueError(f"{what}; lmops's are {', '.join(LORA_TARGETS)}")
+    def _some_targets(cls, v: list[str]) -> list[str]:
+        if not v or not all(m and m.replace("_", "").isalnum() for m in v):
+            raise ValueError(f"name one or more modules (plain names); lmops's are {', '.join(LORA_TARGETS)}")
         return list(dict.fromkeys(v))
 
 
@@ -240,8 +241,10 @@ class TrainConfig(Section):
     init_from: str | None = Field(
         None,
         description="Start from a model's weights instead of random ones: champion, a registered version "
-        "(3, lmops-model@3), a run folder or checkpoint, or a Hugging Face Llama folder. Its tokenizer is kept "
-        "(tokenizer.* is then unused) and model.* must match its shape; the learning-rate schedule starts "
+        "(3, lmops-model@3), a run folder or checkpoint, or a Hugging Face folder (a Llama, or another causal-LM "
+        "architecture transformers loads: GPT-2, OPT, Qwen2, ...). Its tokenizer is kept (tokenizer.* is then "
+        "unused) and model.* must match a Llama's shape (another architecture keeps its own; model.block_size "
+        "still sets the context); the learning-rate schedule starts "
         "again with its own warmup (a lower train.lr suits fine-tuning). None: from scratch, because a new "
         "workspace has no model yet.",
     )
@@ -257,7 +260,9 @@ class TrainConfig(Section):
         default_factory=LoraConfig,
         description="With method lora: r (8: the LoRA paper's usual rank), alpha (16: scale alpha/r = 2), "
         "dropout (0.05: small fine-tuning data overfits), target_modules (qkv, proj: attention, as the paper; "
-        "lmops's are qkv, proj, gate_up, down).",
+        "lmops's are qkv, proj, gate_up, down; a base of another architecture takes its own module names, and "
+        "when none of these names is one of its modules, peft's default for its type: GPT-2 c_attn, OPT q_proj "
+        "and v_proj).",
     )
 
     @field_validator("init_from", mode="before")
@@ -269,7 +274,7 @@ class TrainConfig(Section):
     def _lora_needs_a_base(self) -> TrainConfig:
         if self.method == "lora" and not self.init_from:
             raise ValueError("train.method lora trains adapters on a base model: set train.init_from (champion, "
-                             "a version, a run folder or checkpoint, a Hugging Face Llama folder), or use "
+                             "a version, a run folder or checkpoint, a Hugging Face model folder), or use "
                              "train.method full to train from scratch")
         return self
 

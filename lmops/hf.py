@@ -1,5 +1,8 @@
 """Hugging Face interop: our GPT <-> a LlamaForCausalLM folder (config.json + safetensors).
 
+A folder of another architecture (GPT-2, OPT, Qwen2, ...) is no GPT: `load_folder` hands it to
+lmops/transformers_lm.py, which wraps the transformers model itself.
+
 The architectures are the same model, so conversion is renaming plus splitting (export) or
 concatenating (import) the fused qkv and gate_up matrices. Neither direction imports transformers or
 unpickles anything: a folder from the Hub is read with safetensors alone, and an exported folder is
@@ -284,3 +287,18 @@ def import_hf(folder: Path) -> GPT:
     model = GPT(cfg)
     model.load_state_dict(sd, strict=True)  # cannot fail after _from_hf's checks; copies into float32
     return model.eval()
+
+
+def load_folder(folder: Path):
+    """A Hugging Face model folder as a model lmops trains and serves: a Llama as our GPT (import_hf),
+    any other causal-LM architecture as a TransformersLM (lmops/transformers_lm.py, needs transformers)."""
+    folder = Path(folder)
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise LmopsError(f"{folder / 'config.json'}: cannot read it ({e})") from None
+    if model_type in (None, "llama"):
+        return import_hf(folder)
+    from lmops.transformers_lm import import_folder
+
+    return import_folder(folder)

@@ -37,8 +37,8 @@ CODE = {
     "ingest": ["data/ingest.py", "data/dataset.py", "safety.py"],
     "validate": ["data/ingest.py"],
     "tokenize": ["tokenizer.py", "data/dataset.py", "warmstart.py"],
-    "train": ["model.py", "train.py", "checkpoint.py", "tracking.py", "warmstart.py", "lora.py"],
-    "evaluate": ["evaluate.py", "model.py", "checkpoint.py", "safety.py"],
+    "train": ["model.py", "transformers_lm.py", "train.py", "checkpoint.py", "tracking.py", "warmstart.py", "lora.py"],
+    "evaluate": ["evaluate.py", "model.py", "transformers_lm.py", "checkpoint.py", "safety.py"],
     "register": ["registry.py", "tracking.py", "lora.py"],
     "promote": ["registry.py"],
 }

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmops.checkpoint import CKPT_NAME, Checkpoint, save_checkpoint
+from lmops.checkpoint import CKPT_NAME, Checkpoint, model_of, save_checkpoint
 from lmops.config import Config
 from lmops.errors import Interrupted, LmopsError
 from lmops.model import GPT, GPTConfig
@@ -163,17 +163,16 @@ def make_optimizer(model: GPT, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def check_resumable(ckpt: Checkpoint, cfg: Config, gpt_cfg: GPTConfig, tokens_meta: dict, base=None) -> None:
+def check_resumable(ckpt: Checkpoint, cfg: Config, gpt_cfg, tokens_meta: dict, base=None,
+                    lora_cfg: dict | None = None) -> None:
     """Resuming continues the same model on the same data; anything else is a new run."""
     lora = ckpt.meta.get("lora")
     if (lora is not None) != (cfg.train.method == "lora"):
         raise LmopsError(f"--resume: {ckpt.path} was trained with train.method {'lora' if lora else 'full'}, "
                          f"lmops.yaml says {cfg.train.method}; restore it, or start a new run with another --run name")
     if lora is not None:
-        from lmops.lora import settings
-
-        if settings(cfg.train) != lora:
-            raise LmopsError(f"--resume: train.lora is {settings(cfg.train)} but {ckpt.path} was trained with {lora}; "
+        if lora_cfg != lora:
+            raise LmopsError(f"--resume: train.lora is {lora_cfg} but {ckpt.path} was trained with {lora}; "
                              "restore it in lmops.yaml, or start a new run with another --run name")
         started = (ckpt.meta.get("base") or {}).get("sha256")
         if base is None or base.sha256 != started:
@@ -190,7 +189,7 @@ def check_resumable(ckpt: Checkpoint, cfg: Config, gpt_cfg: GPTConfig, tokens_me
                     f"--resume: {section}.{key} is {new_value!r} but the checkpoint {ckpt.path} was trained with "
                     f"{old_value!r}; restore it in lmops.yaml, or start a new run with another --run name"
                 )
-    if ckpt.gpt_config != gpt_cfg or ckpt.meta.get("tokens", {}).get("tokenizer_sha256") != tokens_meta.get("tokenizer_sha256"):
+    if ckpt.model_config != gpt_cfg or ckpt.meta.get("tokens", {}).get("tokenizer_sha256") != tokens_meta.get("tokenizer_sha256"):
         raise LmopsError(f"--resume: the tokenizer or data changed since {ckpt.path} was written; start a new run")
 
 
@@ -254,10 +253,11 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
     else:
         gpt_cfg = GPTConfig.from_settings(cfg.model, meta["vocab_size"])
     torch.manual_seed(tc.seed)
-    model = GPT(gpt_cfg)
+    model = model_of(gpt_cfg)  # lmops's GPT; a base of another architecture is a TransformersLM
     if base is not None and (not resume or lora_cfg):  # a LoRA run's checkpoint has merged weights, not the base's
         Checkpoint(base.checkpoint).load_model_into(model)
     if lora_cfg:
+        lora_cfg = lora.fit(lora_cfg, model)
         lora.apply(model, lora_cfg)
     model = model.to(device)
     optimizer = make_optimizer(model, tc)
@@ -268,7 +268,7 @@ def train(cfg: Config, tokens_dir: Path, run_dir: Path, tokenizer_dir: Path | No
         if not ckpt_path.exists():
             raise LmopsError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
         ckpt = Checkpoint(ckpt_path)
-        check_resumable(ckpt, cfg, gpt_cfg, meta, base)
+        check_resumable(ckpt, cfg, gpt_cfg, meta, base, lora_cfg)
         if lora_cfg:
             lora.load_adapters(model, ckpt.tensors(lora.PREFIX))
         else:

@@ -2,7 +2,9 @@
 
 `train.init_from` names a model: `champion` (the registry's champion), a registered version (`3`,
 `lmops-model@3`, `models:/lmops-model/3`), a checkpoint (a run folder or a ckpt.safetensors), or a
-Hugging Face Llama folder (config.json + safetensors + tokenizer.json). Resolved here to one
+Hugging Face folder (config.json + safetensors + tokenizer.json): a Llama, which becomes lmops's own
+GPT, or any other causal-LM architecture transformers loads (GPT-2, OPT, Qwen2, ...), wrapped as one
+(lmops/transformers_lm.py). Resolved here to one
 weights file and the tokenizer beside it; the tokenize stage encodes the data with that tokenizer
 (instead of training a new one) and training loads the weights, so the run continues what the base
 model knows. The learning-rate schedule starts again with its own warmup: a warm start is a new
@@ -93,9 +95,10 @@ def _from_path(ws: Workspace, ref: str, path: Path) -> BaseModel:
 
 
 def _from_hf(ws: Workspace, ref: str, folder: Path) -> BaseModel:
-    """A Hugging Face Llama folder, converted once into .lmops/bases/SHA/ (checkpoint + tokenizer)."""
+    """A Hugging Face folder, converted once into .lmops/bases/SHA/ (checkpoint + tokenizer): a Llama
+    into lmops's GPT, another architecture as a transformers model (lmops/transformers_lm.py)."""
     from lmops.checkpoint import CKPT_NAME, save_checkpoint
-    from lmops.hf import import_hf
+    from lmops.hf import load_folder
     from lmops.tokenizer import TOKENIZER_FILE
     from lmops.util import replace_dir
 
@@ -106,7 +109,7 @@ def _from_hf(ws: Workspace, ref: str, folder: Path) -> BaseModel:
     key = sha256_json([(p.name, sha256_file(p)) for p in files])
     dest = ws.state / "bases" / key[:16]
     if not (dest / CKPT_NAME).is_file():
-        model = import_hf(folder)
+        model = load_folder(folder)
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_checkpoint(tmp / CKPT_NAME, model, meta={"imported_from": str(folder), "files_sha256": key})
@@ -129,16 +132,26 @@ def tokenizer_of(base: BaseModel):
 
 
 def base_config(base: BaseModel, model_cfg, tokens_meta: dict):
-    """The run's GPTConfig: lmops.yaml's model with the base's vocabulary size (a Hugging Face model's
-    embedding may be padded past its tokenizer). Refused when a shape field of lmops.yaml's model differs
-    from the base's, or the data was not encoded with the base's tokenizer."""
+    """The run's model config. For lmops's GPT, lmops.yaml's model with the base's vocabulary size (a
+    Hugging Face model's embedding may be padded past its tokenizer), refused when a shape field of
+    lmops.yaml's model differs from the base's; for another architecture (lmops/transformers_lm.py) the
+    base's own config.json at model.block_size (lmops.yaml's model cannot describe it). Refused either
+    way when the data was not encoded with the base's tokenizer."""
     from lmops.checkpoint import Checkpoint
     from lmops.model import GPTConfig
     from lmops.tokenizer import tokenizer_sha256
+    from lmops.transformers_lm import TransformersConfig
 
-    have = Checkpoint(base.checkpoint).gpt_config
-    gpt_cfg = GPTConfig.from_settings(model_cfg, have.vocab_size)
-    wrong = [f for f in SHAPE_FIELDS if getattr(have, f) != getattr(gpt_cfg, f)]
+    have = Checkpoint(base.checkpoint).model_config
+    if isinstance(have, TransformersConfig):  # its shape is its config.json's; lmops.yaml's model sets the context
+        gpt_cfg = TransformersConfig(have.hf, model_cfg.block_size)
+        if have.max_positions is not None and model_cfg.block_size > have.max_positions:
+            raise LmopsError(f"train.init_from: {base.label} ({have.model_type}) takes at most {have.max_positions} "
+                             f"positions; set model.block_size <= {have.max_positions}")
+        wrong = []
+    else:
+        gpt_cfg = GPTConfig.from_settings(model_cfg, have.vocab_size)
+        wrong = [f for f in SHAPE_FIELDS if getattr(have, f) != getattr(gpt_cfg, f)]
     if wrong:
         fix = ", ".join(f"{CONFIG_NAME[f]}: {getattr(have, f)!r}" for f in wrong)
         now = ", ".join(f"{CONFIG_NAME[f]} {getattr(gpt_cfg, f)!r}" for f in wrong)

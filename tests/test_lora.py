@@ -58,7 +58,9 @@ def test_lora_needs_a_base_and_lmops_module_names(base_run):
     with pytest.raises(LmopsError, match="train.method lora trains adapters on a base model: set train.init_from"):
         override(cfg, ["train.method=lora"])
     with pytest.raises(LmopsError, match="unknown module 'q_proj'; lmops's are qkv, proj, gate_up, down"):
-        override(cfg, ["train.init_from=champion", "train.method=lora", "train.lora={target_modules: [q_proj]}"])
+        lora_train(ws, cfg, data, "x", ["train.method=lora", "train.lora={target_modules: [q_proj]}"], log=quiet)
+    with pytest.raises(LmopsError, match="name one or more modules"):
+        override(cfg, ["train.init_from=champion", "train.method=lora", "train.lora={target_modules: []}"])
     with pytest.raises(LmopsError, match="and none was given"):
         train(override(cfg, ["train.init_from=champion", "train.method=lora"]), data["tokens_dir"], ws.run_dir("x"),
               progress=False, log=quiet)

@@ -33,6 +33,8 @@ OPSET, IR_VERSION = 21, 10  # what onnxruntime >= 1.22 (pyproject.toml) reads
 
 def unsupported(model: GPT) -> str | None:
     """Why this model cannot decode on ONNX Runtime here, or None when it can."""
+    if not isinstance(model, GPT):
+        return f"the graph is written for lmops's GPT, not this {type(model).__name__}"
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401

@@ -104,9 +104,9 @@ class ModelSource:
 
                 verify_bundle(p)  # again: it may have changed since the server started
             if p.is_dir() and (p / "config.json").is_file() and not (p / CKPT_NAME).is_file():
-                from lmops.hf import import_hf
+                from lmops.hf import load_folder
 
-                model, folder = import_hf(p), p
+                model, folder = load_folder(p), p
             else:
                 ckpt = Checkpoint(p)
                 model, folder = ckpt.model(), ckpt.path.parent
