@@ -158,6 +158,7 @@ def train(
     if init_from is not None:
         set_ = [*(set_ or []), f"train.init_from={init_from}"]
     ws, cfg = _workspace_and_config(workspace, set_)
+    _share_cpu(cfg)
     show = progress and sys.stderr.isatty()
     data = _data_on_every_rank(ws, cfg, show)
     try:
@@ -168,6 +169,13 @@ def train(
     if stages.is_main_process():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         log(f"step {result.step}: {metrics}\ncheckpoint: {result.checkpoint}")
+
+
+def _share_cpu(cfg) -> None:
+    """train.share_cpu, before anything starts PyTorch's threads (lmops/resources.py)."""
+    from lmops.resources import share_cpu
+
+    share_cpu(cfg.train.share_cpu, cfg.train.threads, log)
 
 
 def _data_on_every_rank(ws, cfg, progress: bool) -> dict:
@@ -531,6 +539,7 @@ def pipeline_run(
     from lmops.pipeline import run_pipeline
 
     ws, cfg = _workspace_and_config(workspace, set_)
+    _share_cpu(cfg)
     result = run_pipeline(ws, cfg, from_step=from_, progress=sys.stderr.isatty(), log=log)
     if not result.ran:
         log("nothing changed: every step was cached")

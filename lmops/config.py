@@ -238,6 +238,15 @@ class TrainConfig(Section):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for PyTorch; None keeps PyTorch's choice (one per core)."
     )
+    share_cpu: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Train as a background process (nice 10, OpenMP threads that sleep instead of spinning, "
+        "threads from the cores actually available: lmops/resources.py) auto: when an lmops server runs on "
+        "this machine, because a training run at full priority beside one collapses both (measured: 0.24-0.31 "
+        "of its work per CPU-second, the server's p95 2.2-2.5x; benchmarks/README.md); always; never (alone, "
+        "sleeping threads train at 0.6-0.75x). `lmops loop` always retrains in the background. Not part of "
+        "the pipeline's cache key: it changes the speed, not the model.",
+    )
     init_from: str | None = Field(
         None,
         description="Start from a model's weights instead of random ones: champion, a registered version "

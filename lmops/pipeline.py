@@ -104,7 +104,7 @@ KEYS: dict[str, Callable[[Context], str]] = {
                                _base_tokenizer(c.base) if c.cfg.train.init_from else c.section("tokenizer")),
     # the base by its weights, not by the name init_from gives them (champion today, 3 tomorrow)
     "train": lambda c: _key(c, "train", c.keys["tokenize"], c.section("model"),
-                            c.cfg.train.model_dump(mode="json", exclude={"init_from"}),
+                            c.cfg.train.model_dump(mode="json", exclude={"init_from", "share_cpu"}),
                             c.base.sha256 if c.cfg.train.init_from else None),
     "evaluate": lambda c: _key(c, "evaluate", c.keys["train"], c.section("evaluate", "safety")),
     "register": lambda c: _key(c, "register", c.keys["evaluate"], c.section("registry", "tracking")),

@@ -11,6 +11,9 @@ spinning thread burns the time slice the thread it waits for needs. So a backgro
   PyTorch starts its pool, which is why the CLI commands that retrain call `background` first);
 - lowers its priority (nice), so the server's requests are scheduled first when both want a core.
 
+`lmops loop` retrains this way always; `lmops train` and `lmops pipeline run` when an lmops server runs on
+the same machine (`servers_here`, train.share_cpu: auto), or always or never as train.share_cpu says.
+
 The server keeps its own settings: its latency is what matters, and at nice 0 it is scheduled first.
 
 Measured with benchmarks/cpu_sharing.py (2 cores, `lmops serve` under 8 streaming clients; benchmarks/README.md,
@@ -43,6 +46,43 @@ def available_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, cores)
+
+
+def servers_here() -> list[int]:
+    """The pids of the other processes on this machine that run an lmops server (`lmops serve`, `lmops
+    endpoint serve`, `python -m lmops serve`), from their command lines in /proc; [] where there is no /proc."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        for i, arg in enumerate(argv):
+            if Path(arg).name == "lmops":  # the lmops script, or python's -m lmops
+                rest = argv[i + 1:]
+                if rest[:1] == ["serve"] or rest[:2] == ["endpoint", "serve"]:
+                    found.append(pid)
+                break
+    return sorted(found)
+
+
+def share_cpu(setting: str, threads: int | None, log=None) -> bool:
+    """Apply train.share_cpu before PyTorch starts: background() when "always", or "auto" and an lmops server
+    runs here (saying so through log). Returns whether it did."""
+    servers = servers_here() if setting == "auto" else []
+    if setting == "never" or (setting == "auto" and not servers):
+        return False
+    n = background(threads)
+    if log is not None:
+        why = f"an lmops server runs on this machine (pid {', '.join(map(str, servers[:3]))})" if servers else \
+            "train.share_cpu: always"
+        log(f"{why}: training in the background (nice {BACKGROUND_NICE}, OpenMP threads that sleep when idle, "
+            f"{n} thread{'s' * (n != 1)}), so the server keeps its share of the CPU; train.share_cpu: never trains "
+            "at full priority")
+    return True
 
 
 def background(threads: int | None = None, nice: int = BACKGROUND_NICE) -> int:
