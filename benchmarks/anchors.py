@@ -80,7 +80,7 @@ def llama_cpp_python() -> tuple[Path | None, str]:
         if r.returncode == 0:
             return Path(py), ""
     return None, ("no python with llama_cpp (llama-cpp-python) found: tried LLAMA_CPP_PYTHON, "
-                  f"{PREFIX}/venv/bin/python and this python; run benchmarks/setup_anchors.sh")
+                  f"{PREFIX}/venv/bin/python and this python")
 
 
 def missing(*, convert: bool = False, python: bool = False, server: bool = False) -> str | None:
@@ -98,6 +98,20 @@ def missing(*, convert: bool = False, python: bool = False, server: bool = False
     if why:
         return "; ".join(why) + ". Install with: bash benchmarks/setup_anchors.sh"
     return None
+
+
+def lmops_version() -> str:
+    """Which lmops is measured: its folder, commit, and whether its files differ from that commit."""
+    import lmops
+
+    root = Path(lmops.__file__).resolve().parent
+    git = ["git", "-C", str(root.parent)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", str(root)], capture_output=True, text=True).stdout
+    changed = [line[3:] for line in dirty.splitlines()]
+    return (f"lmops {commit or '(no git)'} at {root}"
+            + (f", with uncommitted changes to {len(changed)} files ({', '.join(changed[:6])}"
+               f"{', ...' if len(changed) > 6 else ''})" if changed else ""))
 
 
 # ----------------------------------------------------------------------------- the benchmark models

@@ -151,7 +151,9 @@ async def one_request(http: aiohttp.ClientSession, url: str, model: str, prompt:
 
 async def load(url: str, prompts: list[str], clients: int, per_client: int, max_tokens: int
                ) -> tuple[list[Result], float]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+    # force_close: a fresh connection per request (llama-server drops idle keep-alive connections, which
+    # aiohttp would reuse and fail on); loopback connects cost ~0.1 ms, the same for both servers
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients, force_close=True),
                                      timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as http:
         async with http.get(f"{url}/v1/models") as r:  # the name each server serves its model by
             model = (await r.json())["data"][0]["id"]
@@ -207,6 +209,7 @@ def main() -> None:
 
     version = subprocess.run([str(anchors.llama_server()), "--version"], capture_output=True, text=True,
                              env=anchors.worker_env())
+    print(anchors.lmops_version())
     print(f"llama-server: {(version.stdout + version.stderr).strip().splitlines()[0]}")
     print(f"{args.clients} concurrent streaming clients x {args.requests_per_client} requests x {args.max_tokens} "
           f"tokens, {args.threads} threads both sides, {args.rounds} rounds alternating")
@@ -219,11 +222,13 @@ def main() -> None:
             prompts = make_prompts(hf.parent / "tokenizer")
             for g in (x for x in args.gguf.split(",") if x):
                 gguf = anchors.gguf(hf, g)
+                logs = args.workdir / size / f"server-logs-{g}"  # the servers' own logs, kept for a look
+                logs.mkdir(parents=True, exist_ok=True)
                 servers = {}
                 try:
-                    servers["lmops serve"] = start_lmops(ws, hf, args.threads, args.lmops_set, Path(tmp) / "lmops.log")
+                    servers["lmops serve"] = start_lmops(ws, hf, args.threads, args.lmops_set, logs / "lmops.log")
                     servers[f"llama-server {g}"] = start_llama(gguf, args.threads, args.clients,
-                                                               Path(tmp) / "llama-server.log")
+                                                               logs / "llama-server.log")
                     rates: dict[str, list[float]] = {n: [] for n in servers}
                     results: dict[str, list[Result]] = {n: [] for n in servers}
                     for _ in range(args.rounds):
@@ -237,8 +242,8 @@ def main() -> None:
                         if p.log is not subprocess.DEVNULL:
                             p.log.flush()
                     for f in ("lmops.log", "llama-server.log"):
-                        if (Path(tmp) / f).exists():
-                            print(f"--- {f} (tail)\n" + (Path(tmp) / f).read_text()[-3000:])
+                        if (logs / f).exists():
+                            print(f"--- {logs / f} (tail)\n" + (logs / f).read_text()[-3000:])
                     raise
                 finally:
                     for p in servers.values():

@@ -151,6 +151,7 @@ def main() -> None:
     worker = anchors.LlamaCppWorker()
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, llama-cpp-python "
           f"{worker.info['version']}; llama.cpp: {worker.info['system_info'].strip()}")
+    print(anchors.lmops_version())
     print(f"one greedy stream, prompt {PROMPT_LEN} + {n} new tokens, decode tokens/s = (n-1) / time after the "
           f"first token, median of {args.rounds} alternating rounds")
     prompt = torch.randint(0, 4096, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
