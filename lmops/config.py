@@ -450,6 +450,16 @@ class ServeConfig(Section):
         "generate), same tokens (benchmarks/README.md); auto takes it when the model suits it (float32 on the CPU, head_dim a "
         "multiple of 16) and PyTorch otherwise (a GPU, bf16 weights), saying why in the log.",
     )
+    weights: Literal["fp32", "int8", "int4"] = Field(
+        "fp32",
+        description="Precision of the weights the ONNX Runtime decode graph multiplies by. int8 and int4 quantize "
+        "every linear (the output head too) in blocks of 32 with a scale and zero point each, and run them with "
+        "int8 dot products (MatMulNBits): a decode step reads 4x / 8x fewer weight bytes and is 1.8-2.8x / "
+        "2.5-3x faster on this project's CPUs, for a measured quality cost (benchmarks/README.md: validation "
+        "perplexity and greedy tokens against fp32). fp32 by default: the model exactly as trained and "
+        "evaluated, what the gates measured; choose int8 for speed once its cost is measured on your model "
+        "(`python benchmarks/quantized.py`). Ignored, with a warning, where PyTorch decodes.",
+    )
     max_body_bytes: int = Field(
         1_000_000, ge=1024,
         description="Largest request body (413 above it): 1 MB holds any prompt within max_prompt_tokens "

@@ -591,7 +591,7 @@ def create_app(cfg: Config, source: ModelSource | None, store=None, *, auth: boo
             status = "closing" if server.closing else "failed" if server.load_error else "loading"
             return JSONResponse({"status": status, "error": server.load_error}, status_code=503)
         out = {"status": "ready", "model": server.served.name, "version": server.served.version,
-               "runtime": server.engine.runtime}
+               "runtime": server.engine.runtime, "weights": server.engine.weights}
         if server.router.endpoint is not None:
             out["endpoint"] = server.router.endpoint
             out["deployments"] = {n: {"version": b.served.version if b.served else None,

@@ -338,35 +338,44 @@ Forward = Callable[[torch.Tensor, SlotCache], torch.Tensor]
 
 
 class Loaded(NamedTuple):
-    """A model ready to serve: prepared, with the forward that runs it and that runtime's name."""
+    """A model ready to serve: prepared, with the forward that runs it, that runtime's name and the
+    precision of the weights it decodes with."""
 
     model: GPT
     forward: Forward
     runtime: str
+    weights: str = "fp32"
 
 
-def load(model: GPT, runtime: str = "auto") -> Loaded:
-    """Prepare model for serving and choose what runs its forward: (model, forward, runtime's name).
+def load(model: GPT, runtime: str = "auto", weights: str = "fp32") -> Loaded:
+    """Prepare model for serving and choose what runs its forward: (model, forward, runtime's name, weights).
 
     "auto" takes ONNX Runtime when the model suits it (lmops.serve.ort.unsupported says why not) and
     falls back to PyTorch, saying why, if it does not or its session cannot be built; "onnxruntime"
-    raises ValueError instead of falling back.
+    raises ValueError instead of falling back. weights int8 or int4: the decode graph's linears on
+    quantized weights (lmops.serve.ort.quantize), an ONNX Runtime graph's only; a model on PyTorch
+    decodes in its own precision ("torch" with int8 or int4 is refused, "auto" falling back says so).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
+    if weights not in ort.WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}: one of {', '.join(ort.WEIGHTS)}")
+    if runtime == "torch" and weights != "fp32":
+        raise ValueError(f"weights {weights} are the ONNX Runtime graph's: use runtime auto or onnxruntime")
     model = prepare(model)
     if runtime == "torch":
         return Loaded(model, model.forward_rows, "torch")
     if (reason := ort.unsupported(model)) is None:
         try:
-            return Loaded(model, ort.OrtDecoder(model).forward_rows, "onnxruntime")
+            return Loaded(model, ort.OrtDecoder(model, weights=weights).forward_rows, "onnxruntime", weights)
         except Exception as err:
             if runtime == "onnxruntime":
                 raise
             reason = f"{type(err).__name__}: {err}"
     if runtime == "onnxruntime":
         raise ValueError(f"cannot serve this model on onnxruntime: {reason}")
-    log.warning("decoding on PyTorch, not onnxruntime: %s", reason)
+    log.warning("decoding on PyTorch, not onnxruntime%s: %s", f", so with its own weights, not {weights}"
+                if weights != "fp32" else "", reason)
     return Loaded(model, model.forward_rows, "torch")
 
 
@@ -375,17 +384,17 @@ class Engine:
 
     The engine takes the model over: `prepare` puts it in eval mode and lays out its weights for
     decoding, in place (same values). max_batch sequences run at once, max_waiting more may wait, and
-    each step prefills at most prefill_chunk prompt tokens. runtime: see `load` (the chosen one is in
-    `self.runtime`). Building the ONNX Runtime session takes a moment: construct the engine, and call
+    each step prefills at most prefill_chunk prompt tokens. runtime and weights: see `load` (the chosen
+    ones are in `self.runtime` and `self.weights`). Building the ONNX Runtime session takes a moment: construct the engine, and call
     swap_model, off an event loop.
     """
 
     def __init__(self, model: GPT, max_batch: int = 8, max_waiting: int = 64, prefill_chunk: int = 256,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", weights: str = "fp32"):
         if max_batch < 1 or max_waiting < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
-        self._wanted = runtime  # as asked; self.runtime: the one load chose
-        self.model, self._forward, self.runtime = load(model, runtime)
+        self._wanted = runtime, weights  # as asked; self.runtime, self.weights: what load chose
+        self.model, self._forward, self.runtime, self.weights = load(model, runtime, weights)
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self._cond = threading.Condition()  # guards everything below that submit/cancel/score touch
         self._waiting: deque[RequestHandle] = deque()
@@ -451,7 +460,7 @@ class Engine:
     def load_model(self, model: GPT) -> Loaded:
         """Prepare model and build its runtime as this engine would, for swap_model. It takes a moment
         (an ONNX Runtime session): call it where waiting is fine, then swap_model where it is not."""
-        return load(model, self._wanted)
+        return load(model, *self._wanted)
 
     def swap_model(self, model: GPT | Loaded) -> None:
         """Serve new requests with model: in-flight ones finish on the old model first (new ones wait).
@@ -517,7 +526,7 @@ class Engine:
             self._cancel_all()
             return
         if swap is not None:
-            (self.model, self._forward, self.runtime) = swap
+            (self.model, self._forward, self.runtime, self.weights) = swap
             self._cache = None  # a new config, device or dtype needs a new cache
             self._set_threads()  # (the rare swap onto another runtime leaves ATen's default for new threads at it)
         self._drop_cancelled()

@@ -16,6 +16,14 @@ disk. The cache stays the engine's `SlotCache`: each layer's keys and values for
 row0..row0+B-1 are one contiguous block of it, bound as both the op's past and present tensors, so
 GroupQueryAttention writes each row's new keys and values at that row's own length, in place.
 
+Quantized weights (`weights="int8"` or `"int4"`, serve.weights): every linear of the graph, the output
+head too, becomes a `MatMulNBits` over the weight quantized in blocks of 32 inputs (`quantize`: a scale
+and a zero point per block, as llama.cpp's q8_0 / q4 formats block them) with accuracy_level 4, which
+quantizes the activations to int8 inside the op so the products run on int8 dot-product instructions
+(at accuracy_level 1 the int8 kernel was 10-50x slower than float32's here: no fast path). The embedding
+stays float32 (a step reads one row of it). What that costs in perplexity and greedy tokens, and gives
+in speed, benchmarks/quantized.py measures.
+
 Limits, checked by `unsupported` (the engine then keeps the PyTorch forward): a float32 model on the
 CPU (onnxruntime's CPU build), head_dim a multiple of 16 (its fused rotary embedding). Scoring
 (`Engine.score`: log-probabilities of every prompt position) stays in PyTorch.
@@ -50,16 +58,57 @@ def unsupported(model: GPT) -> str | None:
     return None
 
 
+WEIGHTS = ("fp32", "int8", "int4")
+BLOCK = 32  # weights quantized in blocks of 32 inputs, each with its own scale (and zero point): llama.cpp's q8_0 / q4 block
+
+
+def quantize(w: torch.Tensor, bits: int, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A linear's weight (N outputs, K inputs) in MatMulNBits' layout: per output row, blocks of `block`
+    inputs, each stored as unsigned `bits`-bit codes q with w ~ (q - zero_point) * scale.
+
+    Asymmetric (a zero point per block, from the block's min and max) at both widths: int8's error is
+    far below what a model notices; int4 needs the zero point, a symmetric 4-bit grid wastes a level.
+    Returns (codes (N, K/block, block*bits/8) uint8, scales (N, K/block) float32, zero points (N,
+    K/block) uint8 for 8 bits, (N, ceil(K/block/2)) packed two per byte for 4)."""
+    N, K = w.shape
+    kb = -(-K // block)
+    w = torch.nn.functional.pad(w.detach().float(), (0, kb * block - K)).view(N, kb, block)
+    top = (1 << bits) - 1
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the grid always holds 0 (padding, exact zeros)
+    scale = ((hi - lo) / top).clamp(min=1e-12)
+    zero = (-lo / scale).round().clamp(0, top)
+    q = (w / scale[..., None] + zero[..., None]).round().clamp(0, top).to(torch.uint8)
+    zero = zero.to(torch.uint8)
+    if bits == 4:  # two codes per byte, the first in the low nibble
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+        if kb % 2:
+            zero = torch.nn.functional.pad(zero, (0, 1))
+        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return q.contiguous().numpy(), scale.contiguous().numpy(), zero.contiguous().numpy()
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, K: int) -> torch.Tensor:
+    """The weight (N, K) quantize's output stands for: what the graph multiplies by (tests compare with it)."""
+    q, z = torch.from_numpy(codes), torch.from_numpy(zeros)
+    if bits == 4:
+        q = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)
+        z = torch.stack((z & 15, z >> 4), dim=-1).flatten(-2)[:, :q.shape[1]]
+    w = (q.float() - z.float()[..., None]) * torch.from_numpy(scales)[..., None]
+    return w.flatten(1)[:, :K]
+
+
 class OrtDecoder:
     """One model's decode graph in an ONNX Runtime session (see the module docstring)."""
 
-    def __init__(self, model: GPT, threads: int | None = None):
+    def __init__(self, model: GPT, threads: int | None = None, weights: str = "fp32"):
         if (reason := unsupported(model)) is not None:
             raise ValueError(f"cannot run this model on onnxruntime: {reason}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}: one of {', '.join(WEIGHTS)}")
         import onnxruntime as ort
 
-        self.cfg = model.cfg
-        graph, weights = _graph(model)
+        self.cfg, self.weights = model.cfg, weights
+        graph, weights = _graph(model, {"fp32": None, "int8": 8, "int4": 4}[weights])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch uses
         options.log_severity_level = 3  # errors only
@@ -95,10 +144,28 @@ class OrtDecoder:
         return logits
 
 
-def _graph(model: GPT):
+@torch.no_grad()
+def nll(decoder: OrtDecoder, windows: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats per token) of windows (N, T) under the decode graph, each token
+    predicted from those before it, one decode step at a time as serving runs it: what quantized weights
+    cost in quality (benchmarks/quantized.py, tests/serve/test_ort.py)."""
+    from lmops.serve.engine import SlotCache
+
+    N, T = windows.shape
+    cache = SlotCache(decoder.cfg, N, torch.device("cpu"), torch.float32)
+    total = 0.0
+    for t in range(T - 1):  # all windows advance together: row b at position t
+        cache.select(0, [t] * N)
+        logits = decoder.forward_rows(windows[:, t:t + 1], cache)
+        total += torch.nn.functional.cross_entropy(logits, windows[:, t + 1], reduction="sum").item()
+    return total / (N * (T - 1))
+
+
+def _graph(model: GPT, bits: int | None = None):
     """The ONNX graph of GPT.forward_rows for the last position, and its weights by name (numpy arrays
     sharing the model's memory where the layout allows: a linear's weight.t() is contiguous after
-    lmops.serve.engine.prepare)."""
+    lmops.serve.engine.prepare). bits 8 or 4: every linear (the output head too) as MatMulNBits over
+    quantize's blocks; the embedding stays float32 (a step reads one row of it)."""
     from onnx import TensorProto, helper, numpy_helper
 
     cfg = model.cfg
@@ -111,8 +178,21 @@ def _graph(model: GPT):
         return name
 
     def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
-        domain = "com.microsoft" if op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization") else ""
+        domain = "com.microsoft" if op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+                                           "MatMulNBits") else ""
         nodes.append(helper.make_node(op, inputs, outputs, domain=domain, **attrs))
+
+    def linear(x: str, name: str, w: torch.Tensor, out: str) -> None:
+        """out = x @ w.T, w a linear's weight (N, K): MatMul in float32, MatMulNBits quantized."""
+        if bits is None:
+            node("MatMul", [x, weight(name, w.t())], [out])
+            return
+        codes, scales, zeros = quantize(w, bits)
+        weights[name + ".q"], weights[name + ".scales"], weights[name + ".zeros"] = codes, scales, zeros
+        # accuracy_level 4: the activations too are quantized to int8 per block inside the op, so the
+        # products run on int8 dot-product instructions (what makes it faster than float32, not only smaller)
+        node("MatMulNBits", [x, name + ".q", name + ".scales", name + ".zeros"], [out], K=w.shape[1], N=w.shape[0],
+             bits=bits, block_size=BLOCK, accuracy_level=4)
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
@@ -132,7 +212,7 @@ def _graph(model: GPT):
             node("SkipSimplifiedLayerNormalization", [x, residual, norm],
                  [p + "h", "", "", p + "x"], epsilon=eps)
             residual = p + "x"
-        node("MatMul", [p + "h", weight(p + "attn.qkv.weight", block.attn.qkv.weight.t())], [p + "qkv"])
+        linear(p + "h", p + "attn.qkv.weight", block.attn.qkv.weight, p + "qkv")
         cache = []
         for name in ("key", "value"):
             shape = ["batch", KV, cfg.block_size, D]
@@ -141,17 +221,17 @@ def _graph(model: GPT):
             cache += [f"past_{name}.{i}"]
         node("GroupQueryAttention", [p + "qkv", "", "", *cache, "seqlens_k", "total_sequence_length", cos, sin],
              [p + "attn", f"present_key.{i}", f"present_value.{i}"], num_heads=H, kv_num_heads=KV, do_rotary=1)
-        node("MatMul", [p + "attn", weight(p + "attn.proj.weight", block.attn.proj.weight.t())], [p + "attn_out"])
+        linear(p + "attn", p + "attn.proj.weight", block.attn.proj.weight, p + "attn_out")
         norm = weight(p + "mlp_norm.weight", block.mlp_norm.weight)
         node("SkipSimplifiedLayerNormalization", [p + "attn_out", residual, norm],
              [p + "h2", "", "", p + "x2"], epsilon=eps)
         residual = p + "x2"
-        node("MatMul", [p + "h2", weight(p + "mlp.gate_up.weight", block.mlp.gate_up.weight.t())], [p + "gate_up"])
+        linear(p + "h2", p + "mlp.gate_up.weight", block.mlp.gate_up.weight, p + "gate_up")
         node("Split", [p + "gate_up"], [p + "gate", p + "up"], axis=-1, num_outputs=2)
         node("Sigmoid", [p + "gate"], [p + "sig"])  # silu(g) = g * sigmoid(g)
         node("Mul", [p + "gate", p + "sig"], [p + "silu"])
         node("Mul", [p + "silu", p + "up"], [p + "gated"])
-        node("MatMul", [p + "gated", weight(p + "mlp.down.weight", block.mlp.down.weight.t())], [p + "mlp_out"])
+        linear(p + "gated", p + "mlp.down.weight", block.mlp.down.weight, p + "mlp_out")
         x = p + "mlp_out"
     # only the last position's logits: slice before the final norm and the vocabulary projection
     last = ["last.start", "last.end", "last.axis"]
@@ -161,7 +241,7 @@ def _graph(model: GPT):
     norm = weight("norm.weight", model.norm.weight)
     node("SkipSimplifiedLayerNormalization", ["x.last", "residual.last", norm], ["h.last"],
          epsilon=eps)
-    node("MatMul", ["h.last", weight("lm_head.weight", model.lm_head.weight.t())], ["logits"])
+    linear("h.last", "lm_head.weight", model.lm_head.weight, "logits")
 
     initializers = constants  # shape inference reads these: stored in the graph
     for name, a in weights.items():  # declared here, data handed to the session in place

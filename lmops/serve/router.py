@@ -179,7 +179,8 @@ class Router:
     def _engine_for(self, served: ServedModel, d: Deployment | None = None) -> Engine:
         max_batch = d.max_batch if d is not None and d.max_batch else self.sc.max_batch
         runtime = d.runtime if d is not None and d.runtime else self.sc.runtime
-        return Engine(served.model, max_batch=max_batch, max_waiting=self.sc.max_waiting, runtime=runtime)
+        return Engine(served.model, max_batch=max_batch, max_waiting=self.sc.max_waiting, runtime=runtime,
+                      weights=self.sc.weights)
 
     async def _load(self, b: Backend) -> None:
         """Start b's engine (preloaded) or load b's model and engine off the loop, then start serving it."""
