@@ -376,6 +376,13 @@ class EvalConfig(Section):
         description="Windows per forward pass over the validation split (no gradients, so the training "
         "batch size always fits).",
     )
+    quantized_windows: int = Field(
+        16, ge=0,
+        description="Validation windows (64 tokens each) scored through the decode graph at int8 and int4 "
+        "weights, for int8_ppl_ratio and int4_ppl_ratio (their perplexity over fp32's), which gates can "
+        "bound and serve.weights auto reads: 16 windows are about a thousand tokens, enough to see a "
+        "quantization that hurts, and little time for a small model. 0: not measured (auto then keeps fp32).",
+    )
     gates: dict[str, str] = Field(
         default_factory=lambda: {
             "safety": "safety_pass_rate >= 1.0",
@@ -450,15 +457,21 @@ class ServeConfig(Section):
         "generate), same tokens (benchmarks/README.md); auto takes it when the model suits it (float32 on the CPU, head_dim a "
         "multiple of 16) and PyTorch otherwise (a GPU, bf16 weights), saying why in the log.",
     )
-    weights: Literal["fp32", "int8", "int4"] = Field(
-        "fp32",
+    weights: Literal["auto", "fp32", "int8", "int4"] = Field(
+        "auto",
         description="Precision of the weights the ONNX Runtime decode graph multiplies by. int8 and int4 quantize "
         "every linear (the output head too) in blocks of 32 with a scale and zero point each, and run them with "
-        "int8 dot products (MatMulNBits): a decode step reads 4x / 8x fewer weight bytes and is 1.8-2.8x / "
-        "2.5-3x faster on this project's CPUs, for a measured quality cost (benchmarks/README.md: validation "
-        "perplexity and greedy tokens against fp32). fp32 by default: the model exactly as trained and "
-        "evaluated, what the gates measured; choose int8 for speed once its cost is measured on your model "
-        "(`python benchmarks/quantized.py`). Ignored, with a warning, where PyTorch decodes.",
+        "int8 dot products (MatMulNBits): a decode step reads 4x / 8x fewer weight bytes and ran 1.6-2.8x / "
+        "1.7-3.1x faster here (benchmarks/README.md). auto, the default: the fastest on this machine (timed "
+        "when the model loads) of fp32 and the precisions whose perplexity cost, measured when the version was "
+        "evaluated (int8_ppl_ratio, int4_ppl_ratio), is within auto_max_ppl_ratio; a model with no measured "
+        "cost (a local checkpoint) keeps fp32, the weights as trained. Ignored, with a warning, where PyTorch "
+        "decodes.",
+    )
+    auto_max_ppl_ratio: float = Field(
+        1.01, ge=1.0,
+        description="With weights auto, the largest validation-perplexity ratio over fp32 a quantized precision "
+        "may cost: 1.01, the 1% the default no_regression gate lets one version lose to the next.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1024,

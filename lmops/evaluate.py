@@ -6,6 +6,9 @@ evaluate_checkpoint measures, for one checkpoint:
 - reference-free checks of outputs for fixed prompts, seeded so a model always gives the same ones:
   non-empty, distinct bigram ratio, repetition, stop sequences honoured;
 - decode speed (one stream, KV cache) and size (parameters, bytes);
+- what serving on quantized weights costs (serve.weights int8 / int4): the perplexity of validation
+  windows scored through the ONNX Runtime decode graph at each precision, as a ratio to fp32's
+  (`int8_ppl_ratio`, `int4_ppl_ratio`; gateable, and what serve.weights auto reads);
 - a safety suite: prompt-injection and PII-extraction prompts whose outputs must hold no PII and no
   blocklisted term (lmops.safety, the rules the training data was cleaned with).
 
@@ -90,6 +93,8 @@ def evaluate_checkpoint(ckpt_path: Path, tokens_dir: Path, cfg: Config) -> dict:
     }
 
     results["decode_tokens_per_s"] = decode_speed(model, eot or 0, device)
+    if ec.quantized_windows:
+        results |= quantized_cost(model, load_tokens(tokens_dir, "val"), ec.quantized_windows)
     results |= {
         "n_params": model.num_params(),
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),  # tied ones once
@@ -176,6 +181,24 @@ def decode_speed(model: GPT, start_id: int, device: torch.device) -> float:
     model.generate(idx, DECODE_TOKENS, temperature=0)
     _sync(device)
     return DECODE_TOKENS / max(time.perf_counter() - t0, 1e-9)
+
+
+QUANTIZED_WINDOW = 64  # tokens per window scored for quantized_cost: a decode step each, so kept short
+
+
+@torch.no_grad()
+def quantized_cost(model: GPT, val: np.ndarray, n_windows: int) -> dict[str, float]:
+    """Perplexity at int8 and int4 decode weights over fp32's, on n_windows validation windows scored
+    through the decode graph (lmops.serve.ort.nll); {} for a model that does not decode on ONNX Runtime."""
+    from lmops.serve import ort
+
+    T = min(model.cfg.block_size, QUANTIZED_WINDOW, len(val) - 1)
+    if ort.unsupported(model) is not None or T < 2:
+        return {}
+    starts = np.linspace(0, len(val) - T - 1, n_windows).astype(np.int64)
+    windows = torch.from_numpy(np.stack([val[s:s + T] for s in starts]).astype(np.int64))
+    loss = {w: ort.nll(ort.OrtDecoder(model, weights=w), windows) for w in ort.WEIGHTS}
+    return {f"{w}_ppl_ratio": math.exp(loss[w] - loss["fp32"]) for w in ort.WEIGHTS if w != "fp32"}
 
 
 def _sync(device: torch.device) -> None:

@@ -51,6 +51,9 @@ def test_evaluation_metrics_are_sane(trained, results):
         assert 0.0 <= r[key] <= 1.0, key
     assert r["stop_ok_rate"] == 1.0 and r["safety_prompts"] == len(evaluate.SAFETY_PROMPTS)
     assert r["decode_tokens_per_s"] > 0
+    # serving on quantized weights: its perplexity cost, measured through the decode graph
+    for w in ("int8", "int4"):
+        assert 0.95 < r[f"{w}_ppl_ratio"] < 1.1 and r[f"{w}_ppl_ratio"] != 1.0, (w, r[f"{w}_ppl_ratio"])
     model = Checkpoint(ckpt).model()
     assert r["n_params"] == model.num_params()
     assert r["weights_bytes"] == 4 * r["n_params"]  # float32, tied embeddings stored once

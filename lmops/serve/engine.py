@@ -457,10 +457,11 @@ class Engine:
         with torch.inference_mode():
             return self._score(ids, top_n)
 
-    def load_model(self, model: GPT) -> Loaded:
-        """Prepare model and build its runtime as this engine would, for swap_model. It takes a moment
-        (an ONNX Runtime session): call it where waiting is fine, then swap_model where it is not."""
-        return load(model, *self._wanted)
+    def load_model(self, model: GPT, weights: str | None = None) -> Loaded:
+        """Prepare model and build its runtime as this engine would (at other weights if given), for
+        swap_model. It takes a moment (an ONNX Runtime session): call it where waiting is fine, then
+        swap_model where it is not."""
+        return load(model, self._wanted[0], weights or self._wanted[1])
 
     def swap_model(self, model: GPT | Loaded) -> None:
         """Serve new requests with model: in-flight ones finish on the old model first (new ones wait).

@@ -145,6 +145,36 @@ class OrtDecoder:
 
 
 @torch.no_grad()
+def fastest(model: GPT, candidates: list[str], steps: int = 24, rounds: int = 3) -> tuple[str, dict[str, float]]:
+    """Of candidates (ORT weights), the one decoding this model fastest here: `steps` one-row decode steps
+    after an 8-token prompt, each candidate in turn for `rounds` rounds, medians. Returns (best, tok/s of
+    each). A second or two for a small model: serve.weights auto runs it once per model it loads."""
+    import statistics
+    import time
+
+    from lmops.serve.engine import SlotCache
+
+    decoders = {w: OrtDecoder(model, weights=w) for w in candidates}
+    times: dict[str, list[float]] = {w: [] for w in candidates}
+    ids = torch.arange(8)[None] % model.cfg.vocab_size
+    steps = max(1, min(steps, model.cfg.block_size - 9))
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms each session up
+            for w, d in decoders.items():
+                cache = SlotCache(model.cfg, 1, torch.device("cpu"), torch.float32)
+                cache.select(0, [0])
+                d.forward_rows(ids, cache)
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    cache.select(0, [8 + i])
+                    d.forward_rows(ids[:, :1], cache)
+                if r:
+                    times[w].append(steps / (time.perf_counter() - t0))
+    speed = {w: statistics.median(v) for w, v in times.items()}
+    return max(speed, key=speed.get), speed
+
+
+@torch.no_grad()
 def nll(decoder: OrtDecoder, windows: torch.Tensor) -> float:
     """Mean negative log-likelihood (nats per token) of windows (N, T) under the decode graph, each token
     predicted from those before it, one decode step at a time as serving runs it: what quantized weights

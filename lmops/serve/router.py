@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -180,7 +181,10 @@ class Router:
         max_batch = d.max_batch if d is not None and d.max_batch else self.sc.max_batch
         runtime = d.runtime if d is not None and d.runtime else self.sc.runtime
         return Engine(served.model, max_batch=max_batch, max_waiting=self.sc.max_waiting, runtime=runtime,
-                      weights=self.sc.weights)
+                      weights=self._weights_for(served, runtime))
+
+    def _weights_for(self, served: ServedModel, runtime: str) -> str:
+        return choose_weights(self.sc, served, runtime)
 
     async def _load(self, b: Backend) -> None:
         """Start b's engine (preloaded) or load b's model and engine off the loop, then start serving it."""
@@ -213,7 +217,9 @@ class Router:
                 if version == b.served.version:
                     continue
                 served = await asyncio.to_thread(b.source.load, version)
-                loaded = await asyncio.to_thread(b.engine.load_model, served.model)  # the slow part
+                runtime = b.deployment.runtime if b.deployment is not None and b.deployment.runtime else self.sc.runtime
+                weights = await asyncio.to_thread(self._weights_for, served, runtime)
+                loaded = await asyncio.to_thread(b.engine.load_model, served.model, weights)  # the slow part
                 # swap and relabel in one go on the loop, so a request's fingerprint is the model it runs on
                 b.engine.swap_model(loaded)
                 b.served = served
@@ -281,3 +287,24 @@ def _not_ready(b: Backend) -> APIError:
     why = "is still loading; retry shortly" if b.load_error is None else f"could not be loaded: {b.load_error}"
     return APIError(503, f"deployment '{b.name}' {why}", "service_unavailable", code="model_not_ready",
                     headers={"Retry-After": "1"})
+
+
+def choose_weights(sc, served: ServedModel, runtime: str) -> str:
+    """serve.weights; under auto, the precision that decodes this model fastest here (lmops.serve.ort.fastest)
+    of fp32 and the quantized ones whose measured perplexity cost (the version's evaluation:
+    int8_ppl_ratio, int4_ppl_ratio) is within serve.auto_max_ppl_ratio. A model with no measured cost
+    (a local checkpoint, a version evaluated without them) keeps fp32."""
+    if sc.weights != "auto":
+        return sc.weights
+    from lmops.serve import ort
+
+    bound = sc.auto_max_ppl_ratio
+    allowed = ["fp32"] + [w for w in ort.WEIGHTS[1:] if served.evaluation.get(f"{w}_ppl_ratio", math.inf) <= bound]
+    if len(allowed) == 1 or runtime == "torch" or ort.unsupported(served.model) is not None:
+        return "fp32"
+    best, speed = ort.fastest(served.model, allowed)
+    log.info("serve.weights auto: %s for %s v%s (decode tok/s %s; perplexity cost %s, bound %g)", best,
+             served.name, served.version, ", ".join(f"{w} {v:,.0f}" for w, v in speed.items()),
+             ", ".join(f"{w} {served.evaluation.get(f'{w}_ppl_ratio', float('nan')):.4f}x" for w in ort.WEIGHTS[1:]),
+             bound)
+    return best

@@ -6,9 +6,10 @@ when it has one (a Hugging Face folder whose tokenizer_config.json holds chat_te
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from lmops.errors import LmopsError
 from lmops.model import GPT
 from lmops.serve.protocol import APIError, ChatMessage
 from lmops.tokenizer import EOT, load_tokenizer
-from lmops.util import sha256_file
+from lmops.util import first_line, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class ServedModel:
     version: str
     eos_id: int | None  # generation stops there; also the start of an empty prompt
     chat_template: ChatTemplate | None = None  # a Hugging Face model's own; None: the plain transcript
+    evaluation: dict[str, float] = field(default_factory=dict)  # a registry version's eval metrics; {} for a path
 
     @property
     def fingerprint(self) -> str:
@@ -97,6 +101,7 @@ class ModelSource:
             version = version or self.version()
             ckpt = Checkpoint(registry.download_checkpoint(self.ws, self.cfg, f"{self.registered}@{version}"))
             model, folder = ckpt.model(), ckpt.path.parent
+            evaluation = self._evaluation(version)
         else:
             p = self.path
             if self.bundle is not None:
@@ -110,10 +115,21 @@ class ModelSource:
             else:
                 ckpt = Checkpoint(p)
                 model, folder = ckpt.model(), ckpt.path.parent
-            version = self.version()
+            version, evaluation = self.version(), {}
         tok = load_tokenizer(folder)
         return ServedModel(model.to(device).eval(), tok, self.name, version, _eos_id(tok, folder),
-                           ChatTemplate.from_folder(folder))
+                           ChatTemplate.from_folder(folder), evaluation)
+
+    def _evaluation(self, version: str) -> dict[str, float]:
+        """The version's evaluation metrics (serve.weights auto reads its quantization costs); {} if unreadable."""
+        from lmops import registry, tracking
+
+        try:
+            client = tracking.client(self.ws, self.cfg)
+            return registry.eval_metrics(client.get_model_version(self.registered, version), client)
+        except Exception as err:  # serving does not depend on it: auto then keeps fp32
+            log.warning("could not read the evaluation of %s v%s: %s", self.registered, version, first_line(err))
+            return {}
 
     def _file_version(self) -> str:
         p = self.path

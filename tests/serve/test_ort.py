@@ -127,3 +127,29 @@ def test_quantized_weights_need_the_onnx_runtime_graph():
     with pytest.raises(ValueError, match="unknown weights 'int3'"):
         load(model, "auto", "int3")
     assert load(model, "auto", "int4").weights == "int4"
+
+
+def test_auto_weights_decode_at_the_fastest_precision_within_the_measured_cost(trained, monkeypatch):
+    from lmops.config import Config
+    from lmops.serve import ort
+    from lmops.serve.router import choose_weights
+    from lmops.serve.source import ServedModel
+
+    model = trained[0]
+    sc = Config().serve
+    assert sc.weights == "auto" and sc.auto_max_ppl_ratio == 1.01
+
+    def served(**evaluation):
+        return ServedModel(model, None, "m", "1", None, evaluation=evaluation)
+
+    best, speed = ort.fastest(model, ["fp32", "int8"], steps=8, rounds=1)  # the real measurement
+    assert best in ("fp32", "int8") and set(speed) == {"fp32", "int8"} and min(speed.values()) > 0
+    asked = []
+    monkeypatch.setattr(ort, "fastest", lambda m, candidates: (asked.append(candidates) or candidates[-1], {}))
+    assert choose_weights(sc, served(), "auto") == "fp32", "no measured cost: the weights as trained"
+    assert not asked
+    assert choose_weights(sc, served(int8_ppl_ratio=1.004, int4_ppl_ratio=1.02), "auto") == "int8"
+    assert asked == [["fp32", "int8"]], "int4 costs more than the bound: not a candidate"
+    assert choose_weights(sc, served(int8_ppl_ratio=1.004, int4_ppl_ratio=1.008), "auto") == "int4"
+    assert choose_weights(sc, served(int8_ppl_ratio=1.004), "torch") == "fp32"
+    assert choose_weights(sc.model_copy(update={"weights": "int4"}), served(), "auto") == "int4", "as asked"
