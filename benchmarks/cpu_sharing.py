@@ -56,6 +56,8 @@ TRAIN = [
 TOKENS_PER_STEP = 32 * 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONFIGS = ["train alone, naive", "train alone, polite", "serve alone", "both, naive", "both, polite"]
+ONE_THREAD = ["train alone, polite 1 thread", "both, polite 1 thread"]  # --one-thread: background(threads=1) too
+BATCH = ["train alone, polite SCHED_BATCH", "both, polite SCHED_BATCH"]  # --batch: and the SCHED_BATCH policy
 
 
 # ----------------------------------------------------------------------------- the training process
@@ -63,10 +65,12 @@ CONFIGS = ["train alone, naive", "train alone, polite", "serve alone", "both, na
 def train_worker(ws: str, tokens_dir: str, out: str, stop: str, mode: str) -> None:
     """Train until the stop file appears; write each step's end time (CLOCK_MONOTONIC, shared by processes)."""
     threads = None
-    if mode == "polite":
+    if mode.startswith("polite"):
         from lmops.resources import background
 
-        threads = background()
+        if mode == "politebatch":
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        threads = background(1 if mode == "polite1" else None)
     import torch
 
     from lmops.config import override
@@ -144,7 +148,9 @@ def measure(config: str, server: serve_load.Server, folder: Path, tokens_dir: st
             args, n: int) -> dict:
     trainer = None
     if config != "serve alone":
-        trainer = Trainer(folder, tokens_dir, "polite" if config.endswith("polite") else "naive", n)
+        mode = ("polite1" if config.endswith("1 thread") else "politebatch" if config.endswith("SCHED_BATCH")
+                else "polite" if config.endswith("polite") else "naive")
+        trainer = Trainer(folder, tokens_dir, mode, n)
     pids = {"server": server.proc.pid, "clients": os.getpid(), **({"train": trainer.proc.pid} if trainer else {})}
     t0 = time.monotonic()
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -191,7 +197,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=25.0, help="each measurement's window")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--one-thread", action="store_true", help="also the polite trainer at one thread (alone and beside)")
+    ap.add_argument("--batch", action="store_true", help="also the polite trainer under the SCHED_BATCH policy")
     args = ap.parse_args()
+    configs = CONFIGS + (ONE_THREAD if args.one_thread else []) + (BATCH if args.batch else [])
     if not args.corpus.exists():
         sys.exit(f"skipped: {args.corpus} not found (the training corpus lives in ../shared/data/)")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -210,7 +219,7 @@ def main() -> None:
             asyncio.run(clients_until(server.url, key, prompts, args.clients, 3, args.max_tokens))  # warm-up
             n = 0
             for r in range(args.rounds):
-                for config in (CONFIGS if r % 2 == 0 else CONFIGS[::-1]):
+                for config in (configs if r % 2 == 0 else configs[::-1]):
                     n += 1
                     row = measure(config, server, folder, tokens_dir, key, prompts, args, n)
                     row["round"] = r + 1
@@ -227,13 +236,19 @@ def main() -> None:
 
 
 def report(rows: list[dict], args) -> None:
-    by = {c: [r for r in rows if r["config"] == c] for c in CONFIGS}
+    by = {c: [r for r in rows if r["config"] == c] for c in CONFIGS + ONE_THREAD + BATCH}
+    by = {c: rs for c, rs in by.items() if rs}
     cores = {c: {k: med(rs, lambda r, k=k: r["cpu"][k] / r["wall"]) for k in rs[0]["cpu"]} for c, rs in by.items()}
     print(f"\nmedians of {args.rounds} rounds, {args.seconds:g} s windows; {args.clients} streaming clients x "
           f"{args.max_tokens} tokens; training 4 x 128, ctx 64, batch 32, char")
     print("\ntraining          tokens/s  share of alone  cores  tokens/CPU-s  vs alone   each round")
-    for c, alone in (("train alone, naive", None), ("train alone, polite", None), ("both, naive", "train alone, naive"),
-                     ("both, polite", "train alone, polite")):
+    pairs = [("train alone, naive", None), ("train alone, polite", None), ("both, naive", "train alone, naive"),
+             ("both, polite", "train alone, polite")]
+    if "both, polite 1 thread" in by:
+        pairs += [("train alone, polite 1 thread", None), ("both, polite 1 thread", "train alone, polite 1 thread")]
+    if "both, polite SCHED_BATCH" in by:
+        pairs += [("train alone, polite SCHED_BATCH", None), ("both, polite SCHED_BATCH", "train alone, polite SCHED_BATCH")]
+    for c, alone in pairs:
         rs = by[c]
         tps = med(rs, lambda r: r["train"]["tok_s"])
         eff = med(rs, lambda r: r["train"]["tok_s"] * r["wall"] / r["cpu"]["train"])
@@ -243,18 +258,20 @@ def report(rows: list[dict], args) -> None:
             share, ratio = f"{tps / a_tps:14.0%}", f"{eff / a_eff:9.2f}"
         else:
             share, ratio = f"{'':14}", f"{'':9}"
-        print(f"{c:18}{tps:8,.0f}  {share}  {cores[c]['train']:5.2f}  {eff:12,.0f} {ratio}   "
+        print(f"{c:32}{tps:8,.0f}  {share}  {cores[c]['train']:5.2f}  {eff:12,.0f} {ratio}   "
               + " ".join(f"{r['train']['tok_s']:,.0f}" for r in rs))
     print("\nserver          output tok/s  share of alone  p50 ms  p95 ms  p95 x alone  cores  tok/CPU-s  vs alone  "
           "clients' cores  each round's p95")
     a = by["serve alone"]
     a_tps, a_p95 = med(a, lambda r: r["serve"]["tok_s"]), med(a, lambda r: r["serve"]["p95"])
     a_eff = med(a, lambda r: r["serve"]["tok_s"] * r["wall"] / r["cpu"]["server"])
-    for c in ("serve alone", "both, naive", "both, polite"):
+    for c in ("serve alone", "both, naive", "both, polite", "both, polite 1 thread", "both, polite SCHED_BATCH"):
+        if c not in by:
+            continue
         rs = by[c]
         tps, p95 = med(rs, lambda r: r["serve"]["tok_s"]), med(rs, lambda r: r["serve"]["p95"])
         eff = med(rs, lambda r: r["serve"]["tok_s"] * r["wall"] / r["cpu"]["server"])
-        print(f"{c:16}{tps:12,.0f}  {tps / a_tps:14.0%}  {med(rs, lambda r: r['serve']['p50']):6.0f}  {p95:6.0f}  "
+        print(f"{c:26}{tps:12,.0f}  {tps / a_tps:14.0%}  {med(rs, lambda r: r['serve']['p50']):6.0f}  {p95:6.0f}  "
               f"{p95 / a_p95:11.2f}  {cores[c]['server']:5.2f}  {eff:9,.0f}  {eff / a_eff:8.2f}  "
               f"{cores[c]['clients']:14.2f}  " + " ".join(f"{r['serve']['p95']:.0f}" for r in rs))
     print("\nthe idle server while training ran alone: " + ", ".join(
