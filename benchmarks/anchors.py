@@ -107,6 +107,8 @@ def lmops_version() -> str:
     root = Path(lmops.__file__).resolve().parent
     git = ["git", "-C", str(root.parent)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if not commit and (root.parent / "COMMIT").is_file():  # an export (git archive HEAD lmops) with its commit
+        return f"lmops {(root.parent / 'COMMIT').read_text().strip()} (exported to {root})"
     dirty = subprocess.run([*git, "status", "--porcelain", "--", str(root)], capture_output=True, text=True).stdout
     changed = [line[3:] for line in dirty.splitlines()]
     return (f"lmops {commit or '(no git)'} at {root}"

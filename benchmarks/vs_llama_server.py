@@ -2,17 +2,19 @@
 
   python benchmarks/vs_llama_server.py [--sizes 4x256,12x768] [--rounds 3] [--clients 32]
                                        [--requests-per-client 2] [--max-tokens 128] [--threads 2]
-                                       [--gguf f32] [--lmops-set KEY=VALUE ...] [--workdir DIR]
+                                       [--pairs fp32:f32,int8:q8_0] [--lmops-set KEY=VALUE ...] [--workdir DIR]
 
 Needs llama-server and convert_hf_to_gguf.py (benchmarks/setup_anchors.sh; found as benchmarks/anchors.py
 says) and installs nothing: without them the script says what is missing and exits 0 (skipped).
 
 The model: the same random lmops GPT as vs_llamacpp.py (byte-level BPE trained here, context 512), exported with
 `lmops.hf.export_hf`; `lmops serve` serves that Hugging Face folder, llama-server its convert_hf_to_gguf.py
-conversion (--gguf: f32 by default, lmops's own precision; f16 or q8_0 to compare against a quantized anchor).
+conversion. --pairs says which precisions face each other, LMOPS:GGUF (default fp32:f32; e.g. int8:q8_0): lmops's
+serve.weights (fp32 | int8 | int4, where this lmops has it) against llama-server's weights (f32 | f16 | q8_0).
 
 The servers, each in its own process on 127.0.0.1, both started before the first round and left running:
 - `lmops serve -w WS --model HF_DIR --set serve.max_batch=32 --set serve.max_waiting=256 --set auth.enabled=false`
+  (plus `--set serve.weights=W` for a precision other than fp32)
   as a user types it, with its defaults otherwise (moderation, request log and metrics on; its default runtime,
   ONNX Runtime), OMP_NUM_THREADS=--threads (its torch threads, so its ONNX Runtime session's too). No API key: the
   anchor has none. --lmops-set adds more overrides.
@@ -195,7 +197,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--gguf", default="f32", help="llama-server's weights: f32, f16 or q8_0 (comma-separated: each)")
+    ap.add_argument("--pairs", default="fp32:f32", help="LMOPS_WEIGHTS:GGUF_TYPE,... e.g. fp32:f32,int8:q8_0")
     ap.add_argument("--lmops-set", action="append", default=[], help="another `lmops serve --set` (repeatable)")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lmops-vs-llamacpp")
     args = ap.parse_args()
@@ -220,13 +222,16 @@ def main() -> None:
         for size in sizes:
             hf = anchors.build_hf(size, args.workdir)
             prompts = make_prompts(hf.parent / "tokenizer")
-            for g in (x for x in args.gguf.split(",") if x):
+            for pair in (x for x in args.pairs.split(",") if x):
+                w, g = pair.split(":")
                 gguf = anchors.gguf(hf, g)
-                logs = args.workdir / size / f"server-logs-{g}"  # the servers' own logs, kept for a look
+                logs = args.workdir / size / f"server-logs-{w}-{g}"  # the servers' own logs, kept for a look
                 logs.mkdir(parents=True, exist_ok=True)
                 servers = {}
                 try:
-                    servers["lmops serve"] = start_lmops(ws, hf, args.threads, args.lmops_set, logs / "lmops.log")
+                    servers["lmops serve"] = start_lmops(ws, hf, args.threads,
+                                                         ([f"serve.weights={w}"] if w != "fp32" else []) + args.lmops_set,
+                                                         logs / "lmops.log")
                     servers[f"llama-server {g}"] = start_llama(gguf, args.threads, args.clients,
                                                                logs / "llama-server.log")
                     rates: dict[str, list[float]] = {n: [] for n in servers}
@@ -249,7 +254,7 @@ def main() -> None:
                     for p in servers.values():
                         p.close()
                 s = anchors.SIZES[size]
-                print(f"\n== {s['n_layer']} x {s['d_model']}, vocab {s['vocab_size']}: lmops fp32 vs llama-server {g}")
+                print(f"\n== {s['n_layer']} x {s['d_model']}, vocab {s['vocab_size']}: lmops {w} vs llama-server {g}")
                 row = {}
                 for name in servers:
                     ttft = [r.ttft * 1000 for r in results[name]]
@@ -263,14 +268,14 @@ def main() -> None:
                 (lm, lc) = row["lmops serve"], row[f"llama-server {g}"]
                 print(f"  lmops / llama-server: throughput {lm[0] / lc[0]:.2f}x (target >= 1.0x), "
                       f"median TTFT {lm[1] / lc[1]:.2f}x (target <= 2x)")
-                summary.append((size, g, rates, row))
-    print("\n| model | llama-server weights | lmops tok/s (rounds) | llama-server tok/s (rounds) | ratio | "
+                summary.append((size, w, g, rates, row))
+    print("\n| model | lmops weights | llama-server weights | lmops tok/s (rounds) | llama-server tok/s (rounds) | ratio | "
           "TTFT median / p95, lmops | TTFT median / p95, llama-server | TTFT ratio (medians) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for size, g, rates, row in summary:
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for size, w, g, rates, row in summary:
         s = anchors.SIZES[size]
         lm, lc = row["lmops serve"], row[f"llama-server {g}"]
-        print(f"| {s['n_layer']} x {s['d_model']}, {s['vocab_size']} | {g} | {lm[0]:,.0f} ("
+        print(f"| {s['n_layer']} x {s['d_model']}, {s['vocab_size']} | {w} | {g} | {lm[0]:,.0f} ("
               + " ".join(f"{x:,.0f}" for x in rates["lmops serve"]) + f") | {lc[0]:,.0f} ("
               + " ".join(f"{x:,.0f}" for x in rates[f"llama-server {g}"]) + f") | {lm[0] / lc[0]:.2f}x | "
               f"{lm[1]:,.0f} / {lm[2]:,.0f} ms | {lc[1]:,.0f} / {lc[2]:,.0f} ms | {lm[1] / lc[1]:.2f}x |")
