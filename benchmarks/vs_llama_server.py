@@ -14,7 +14,7 @@ serve.weights (fp32 | int8 | int4, where this lmops has it) against llama-server
 
 The servers, each in its own process on 127.0.0.1, both started before the first round and left running:
 - `lmops serve -w WS --model HF_DIR --set serve.max_batch=32 --set serve.max_waiting=256 --set auth.enabled=false`
-  (plus `--set serve.weights=W` for a precision other than fp32)
+  plus `--set serve.weights=W` always (since serve.weights defaults to auto, which may pick another precision)
   as a user types it, with its defaults otherwise (moderation, request log and metrics on; its default runtime,
   ONNX Runtime), OMP_NUM_THREADS=--threads (its torch threads, so its ONNX Runtime session's too). No API key: the
   anchor has none. --lmops-set adds more overrides.
@@ -230,7 +230,7 @@ def main() -> None:
                 servers = {}
                 try:
                     servers["lmops serve"] = start_lmops(ws, hf, args.threads,
-                                                         ([f"serve.weights={w}"] if w != "fp32" else []) + args.lmops_set,
+                                                         [f"serve.weights={w}"] + args.lmops_set,
                                                          logs / "lmops.log")
                     servers[f"llama-server {g}"] = start_llama(gguf, args.threads, args.clients,
                                                                logs / "llama-server.log")
