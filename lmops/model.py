@@ -250,12 +250,7 @@ class GPT(nn.Module):
         return F.linear(F.rms_norm(x, (d,), self.norm.weight, cfg.norm_eps), self.lm_head.weight)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (linears, embeddings); never norms."""
-        params = {id(p): p for p in self.parameters()}.values()
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        return param_groups(self, weight_decay)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -266,24 +261,49 @@ class GPT(nn.Module):
         When a sequence reaches block_size, the cache restarts from its last block_size/2 tokens
         (the model never saw longer contexts, so the window slides).
         """
-        was_training = self.training
-        self.eval()
-        block = self.cfg.block_size
-        out = idx
-        cache = KVCache(self.cfg, idx.shape[0], block, idx.device, self.embed.weight.dtype)
-        pending = idx[:, -block:]
-        for _ in range(max_new_tokens):
-            if cache.pos + pending.shape[1] > block:
+        cache = KVCache(self.cfg, idx.shape[0], self.cfg.block_size, idx.device, self.embed.weight.dtype)
+
+        def step(pending: torch.Tensor, restart: bool) -> torch.Tensor:
+            if restart:
                 cache.pos = 0
-                pending = out[:, -(block // 2):]
-            logits = self(pending, cache=cache)[:, -1, :]
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            out = torch.cat((out, nxt), dim=1)
-            pending = nxt
-            if stop_token is not None and bool((nxt == stop_token).all()):
-                break
-        self.train(was_training)
-        return out
+            return self(pending, cache=cache)[:, -1, :]
+
+        return sliding_generate(self, step, idx, max_new_tokens, temperature, top_k, top_p, generator, stop_token)
+
+
+@torch.no_grad()
+def sliding_generate(model: nn.Module, step, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                     stop_token: int | None) -> torch.Tensor:
+    """generate's loop for any model with a cache: step(pending tokens, restart) -> the last position's
+    logits, restart True when the cache must start again (the window slid to the last block_size/2 tokens)."""
+    was_training = model.training
+    model.eval()
+    block, out, length = model.cfg.block_size, idx, 0
+    pending = idx[:, -block:]
+    for _ in range(max_new_tokens):
+        restart = length + pending.shape[1] > block
+        if restart:
+            pending, length = out[:, -(block // 2):], 0
+        logits = step(pending, restart)
+        length += pending.shape[1]
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        out = torch.cat((out, nxt), dim=1)
+        pending = nxt
+        if stop_token is not None and bool((nxt == stop_token).all()):
+            break
+    model.train(was_training)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's groups: decay matrices (linears, embeddings); never norms or biases. Tied
+    parameters once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor | None = None,

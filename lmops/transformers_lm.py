@@ -200,44 +200,33 @@ class TransformersLM(nn.Module):
         return logits[:, -1] if last_only else logits
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (linears, embeddings); never norms or biases."""
-        params = {id(p): p for p in self.parameters()}.values()
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        from lmops.model import param_groups
+
+        return param_groups(self, weight_decay)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
                  stop_token: int | None = None) -> torch.Tensor:
         """Continue idx (B, T) by up to max_new_tokens, as GPT.generate (the window slides at block_size)."""
-        from lmops.model import sample
+        from lmops.model import sliding_generate
         from lmops.serve.engine import SlotCache
 
-        was_training = self.training
-        self.eval()
-        block, out = self.cfg.block_size, idx
         w = self.embed.weight
-        caches = [SlotCache(self.cfg, 1, w.device, w.dtype) for _ in range(idx.shape[0])]
-        lengths = [0] * idx.shape[0]
-        pending = idx[:, -block:]
-        for _ in range(max_new_tokens):
-            if lengths[0] + pending.shape[1] > block:
-                lengths = [0] * idx.shape[0]
-                pending = out[:, -(block // 2):]
+        caches = [SlotCache(self.cfg, 1, w.device, w.dtype) for _ in range(idx.shape[0])]  # a row each
+        length = [0]
+
+        def step(pending: torch.Tensor, restart: bool) -> torch.Tensor:
+            if restart:
+                length[0] = 0
             rows = []
-            for b, c in enumerate(caches):  # one row per cache: rows share a length here
-                c.select(0, [lengths[b]])
+            for b, c in enumerate(caches):
+                c.select(0, [length[0]])
                 rows.append(self.forward_rows(pending[b:b + 1], c))
-            lengths = [n + pending.shape[1] for n in lengths]
-            nxt = sample(torch.cat(rows), temperature, top_k, top_p, generator)
-            out = torch.cat((out, nxt), dim=1)
-            pending = nxt
-            if stop_token is not None and bool((nxt == stop_token).all()):
-                break
-        self.train(was_training)
-        return out
+            length[0] += pending.shape[1]
+            return torch.cat(rows)
+
+        return sliding_generate(self, step, idx, max_new_tokens, temperature, top_k, top_p, generator, stop_token)
 
 
 # ----------------------------------------------------------------------------- a Hugging Face folder
