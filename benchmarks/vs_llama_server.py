@@ -51,6 +51,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
+from serve_load import pct  # noqa: E402  (the same percentile as serve_load.py's table)
 
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 600
@@ -168,11 +169,6 @@ async def load(url: str, prompts: list[str], clients: int, per_client: int, max_
         start = time.perf_counter()
         results = await asyncio.gather(*(client(c) for c in range(clients)))
         return [r for rs in results for r in rs], time.perf_counter() - start
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def make_prompts(tokenizer_dir: Path) -> list[str]:
