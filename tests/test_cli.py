@@ -16,7 +16,7 @@ from lmops.cli import app
 
 
 def lmops(*args, cwd=None, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "lmops.cli", *args], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "lmops.cli", *args], check=False, cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,3 +173,75 @@ def test_train_records_its_dataset_and_data_gates_show_in_data_list(workspace, t
     assert side and "Traceback" not in refused, refused
     assert "run `lmops train` again" in refused
     assert f"FAILED ({side[0]}" in cli("data", "list")
+
+
+def test_version_module_entry_point_and_completion():
+    """`lmops --version` and `python -m lmops` as a real process (the module entry point is the process's own
+    business); the completion options are in the help."""
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "lmops", "--version"], check=False, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"lmops {version('lmops')}", out.stderr
+    helped = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert helped.exit_code == 0
+    assert "--install-completion" in helped.output and "--show-completion" in helped.output
+    assert "quickstart" in helped.output
+
+
+def test_data_commands(workspace, cli):
+    first = cli("data", "ingest")
+    assert "documents" in first and "dataset " in first
+    first_id = first.split("dataset ")[1][:12]
+    (workspace.root / "corpus" / "more.txt").write_text("A second document, long enough to keep. " * 5)
+    (workspace.root / "corpus" / "bad.txt").write_bytes(b"caf\xe9 " * 20)
+    second = cli("data", "ingest")
+    assert "quarantined" in second, second
+    assert list((workspace.root / ".lmops" / "quarantine").rglob("bad.txt*"))
+    listed = cli("data", "list")
+    assert first_id in listed and second.split("dataset ")[1][:12] in listed
+    assert "+1 documents" in cli("data", "diff", first_id, "latest")
+    assert "min_documents" in cli("data", "ingest", "--set", "data.min_documents=100", code=1)
+
+
+def test_keys_are_shown_once_and_stored_as_hashes(workspace, cli):
+    from lmops.store import Store
+
+    made = CliRunner().invoke(app, ["keys", "create", "frontend", "--role", "deployer", "-w", str(workspace.root)])
+    assert made.exit_code == 0, made.output
+    secret = made.stdout.strip()
+    assert secret.startswith("lmk_") and len(secret) > 40 and secret not in made.stderr, "the secret: stdout alone"
+    listed = cli("keys", "list")
+    assert "frontend" in listed and secret not in listed
+    assert not any(secret.encode() in f.read_bytes() for f in workspace.state.glob("lmops.db*"))  # incl. the WAL
+    cli("keys", "revoke", secret[:12])
+    with Store.for_workspace(workspace) as store:
+        assert store.keys.verify(secret) is None
+    assert "inference, deployer, admin" in cli("keys", "create", "x", "--role", "root", code=1)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(workspace, tiny_sets, cli):
+    """SIGINT to a real `lmops train` process (signals are the process's business), then --resume in this one."""
+    import json
+    import signal
+    import time
+
+    sets = [a for item in [*tiny_sets, "train.max_steps=100000"] for a in ("--set", item)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmops", "train", "-w", str(workspace.root), *sets, "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    metrics = workspace.run_dir("main") / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and proc.poll() is None:
+        assert time.monotonic() < deadline, "training never reached step 3"
+        time.sleep(0.1)  # polling a condition, not synchronisation
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "interrupted at step" in err and "Traceback" not in err, err
+    assert "`lmops train --run main --resume`" in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    from lmops.checkpoint import Checkpoint
+
+    assert Checkpoint(workspace.run_dir("main")).meta["step"] == step >= 3
+    done = cli("train", *sets[:-2], "--set", f"train.max_steps={step + 2}", "--resume", "--no-progress")
+    assert f"resuming main at step {step}" in done
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 2
