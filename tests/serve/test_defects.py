@@ -89,6 +89,34 @@ def test_moderating_a_long_prompt_runs_off_the_event_loop(env, tmp_path, tok, mo
     live.stop()
 
 
+def test_the_length_is_checked_before_moderation(env, tok, monkeypatch):
+    """An over-long prompt holding a blocklisted term is refused for its length, and moderation never reads
+    it (text, token ids and chat alike); a short one with the term is refused by the content policy."""
+    live = env.start(*FAST, "safety.blocklist=[forbidden]")
+    read, real = [], prompts_module.moderate
+
+    def recorded(text, cfg, direction):
+        read.append((direction, len(text)))
+        return real(text, cfg, direction)
+
+    monkeypatch.setattr(prompts_module, "moderate", recorded)
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=env.keys["inference"], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:  # the blocklist is on: a short prompt is blocked
+        client.completions.create(model="tiny", prompt="say forbidden", max_tokens=1)
+    assert err.value.code == "content_blocked" and read == [("input", len("say forbidden"))]
+    read.clear()
+    long_text = "quick frog " * 60 + "forbidden"  # 669 characters, each a token: over the context of 512
+    for send in (lambda: client.completions.create(model="tiny", prompt=long_text, max_tokens=1),
+                 lambda: client.completions.create(model="tiny", prompt=tok.encode(long_text).ids, max_tokens=1),
+                 lambda: client.chat.completions.create(model="tiny", max_tokens=1,
+                                                        messages=[{"role": "user", "content": long_text}])):
+        with pytest.raises(openai.BadRequestError) as err:
+            send()
+        assert err.value.code == "context_length_exceeded", err.value.message
+        assert read == [], "moderation read a prompt its length refuses"
+    live.stop()
+
+
 # ----------------------------------------------------------------------------- one bad row fails alone
 
 def test_a_top_k_out_of_bounds_fails_that_request_alone(main, env):
