@@ -6,8 +6,11 @@ to compare it with: a canary, a mirror, the old deployment kept for undo). Jobs 
 falls behind, a job is dropped and counted (lmops:shadow_jobs{outcome="dropped"}), never waited for, so
 the live answer is never delayed by its shadow. Nor slowed beyond noise: the shadow's forwards share the
 cores with the live ones, so while live requests run the worker takes at most serve.shadow_busy_share of
-the time (after a job of t seconds it waits t * (1 - share) / share, or until no live request runs). The
-worker, per job:
+the time, on a budget it earns: each second a job waits beside live requests earns share / (1 - share)
+seconds, a job starts beside them only once the budget covers its expected time (the mean of recent jobs
+of its kind), and its measured time is then spent. So the first job of a burst waits too: the budget
+starts empty, and whatever is left of it when the engines go idle is dropped (a debt is kept). In idle
+time a job runs at once and costs nothing. The worker, per job:
 
 - for each deployment the router mirrors this request to: the same prompt ids and sampling parameters on
   its engine (tokens only when both deployments share a tokenizer; else the job is not mirrored);
@@ -32,6 +35,8 @@ from lmops.serve.router import Backend, Router
 
 log = logging.getLogger("lmops.serve")
 
+FIRST_COST_S = 0.25  # a job's expected seconds before one of its kind has been timed
+
 
 @dataclass(frozen=True)
 class Job:
@@ -55,14 +60,16 @@ def mean_nll(scored: list, start: int) -> float | None:
 
 
 class Shadow:
-    def __init__(self, router: Router, store, cfg, metrics=None):
+    def __init__(self, router: Router, store, cfg, metrics=None, clock=time.monotonic):
         self.router, self.store, self.cfg, self.metrics = router, store, cfg, metrics
+        self.clock, self.poll_s = clock, 0.01  # the budget's clock, and how often a waiting job looks
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=cfg.serve.shadow_queue)
         self.task: asyncio.Task | None = None
         self.counts = {"scored": 0, "dropped": 0, "failed": 0}
         self._vocabs: dict[int, str] = {}
         self._busy = 0  # the job being scored now
-        self._next_at = 0.0  # monotonic time before which no job starts while live requests run
+        self.budget = 0.0  # seconds of shadow work earned beside live requests (negative: owed)
+        self._cost: dict[bool, float] = {}  # mean seconds of a job, by whether it mirrors (generates) or only scores
         if metrics is not None:
             metrics.shadow_pending.set_function(lambda: self.pending)
 
@@ -110,14 +117,14 @@ class Shadow:
             job = await self.queue.get()
             self._busy = 1
             try:
-                await self._turn()
-                started, busy = time.monotonic(), self.live_busy()
+                beside = await self._turn(job)
+                started = self.clock()
                 await self._score(job)
                 self._count("scored")
-                share = self.cfg.serve.shadow_busy_share
-                if (busy or self.live_busy()) and share > 0:  # it ran beside live requests: its time is owed
-                    spent = time.monotonic() - started
-                    self._next_at = time.monotonic() + spent * (1 - share) / share
+                spent, kind = self.clock() - started, bool(job.mirrors)
+                self._cost[kind] = spent if kind not in self._cost else 0.7 * self._cost[kind] + 0.3 * spent
+                if beside or self.live_busy():  # it ran beside live requests (or they came meanwhile): spent
+                    self.budget -= spent
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - one bad job must not end the worker
@@ -130,17 +137,31 @@ class Shadow:
         """Whether a live request is running or waiting on any engine (between jobs the worker has none)."""
         return any(s.running or s.waiting for s in (b.engine.stats() for b in self.router.loaded().values()))
 
-    async def _turn(self) -> None:
-        """Wait until shadow work may run: no live request runs, or its share of the busy time is free."""
+    def expected_cost(self, job: Job) -> float:
+        return self._cost.get(bool(job.mirrors), FIRST_COST_S)
+
+    async def _turn(self, job: Job) -> bool:
+        """Wait until `job` may run: no live request runs (False), or the budget earned while it waited beside
+        them covers its expected time (True)."""
         share = self.cfg.serve.shadow_busy_share
-        while self.live_busy() and (share == 0 or time.monotonic() < self._next_at):
-            await asyncio.sleep(0.01)
+        if share >= 1:
+            return self.live_busy()
+        last = self.clock()
+        while self.live_busy():
+            now = self.clock()
+            self.budget += (now - last) * share / (1 - share)
+            last = now
+            if share > 0 and self.budget >= self.expected_cost(job):
+                return True
+            await asyncio.sleep(self.poll_s)
+        self.budget = min(self.budget, 0.0)  # idle: what was earned beside one burst is not spent in the next
+        return False
 
     async def _score(self, job: Job) -> None:
         stable = self.router.weights()
         ref_name = min(stable, key=lambda d: (-stable[d], d)) if stable else job.live.name
         ref = self.router.backends.get(ref_name) or job.live
-        same_tok = lambda b: self._vocab(b) == self._vocab(job.live)  # noqa: E731
+        same_tok = lambda b: self._vocab(b) == self._vocab(job.live)
         prompt, answer = job.prompt_ids, job.answer_ids
         rows = [await self._row(job, job.live, "live", prompt, answer, ref, same_tok(ref), job.finish_reason,
                                 job.flagged, job.ttft_s, job.latency_s, None)]

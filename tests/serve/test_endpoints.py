@@ -329,3 +329,72 @@ def test_shadow_work_waits_while_live_requests_run_when_its_share_is_zero(env, e
     wait_for(lambda: shadow.pending == 0 and len(starts) >= len(codes) - shadow.counts["dropped"], timeout=30,
              what="the shadow to catch up once idle")
     assert not any(starts), f"{sum(starts)} of {len(starts)} shadow jobs started while live requests ran"
+
+
+def test_the_first_shadow_job_of_a_burst_waits_for_budget_earned_beside_live_requests():
+    """The shadow's budget on its own clock: a job starts beside live requests only once the time it waited
+    earned its expected cost (share / (1 - share) per second), so at every start the shadow's time stays
+    within serve.shadow_busy_share of the burst so far; idle, a job starts at once; the next burst starts
+    with an empty budget again. Deterministic: the clock moves only when the test moves it."""
+    import asyncio
+
+    from lmops.config import Config
+    from lmops.serve.engine import SamplingParams
+    from lmops.serve.shadow import FIRST_COST_S, Job, Shadow
+
+    cfg, took = Config(), 0.2
+    share = cfg.serve.shadow_busy_share
+    assert 0 < share < 1
+
+    async def run():
+        now, busy, starts = [100.0], [True], []
+        shadow = Shadow(None, None, cfg, clock=lambda: now[0])
+        shadow.poll_s, shadow.live_busy = 0, lambda: busy[0]
+
+        async def score(job):
+            starts.append((now[0], busy[0]))
+            now[0] += took  # each job takes 0.2 s of the budget's clock
+
+        shadow._score = score
+
+        async def settle():
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+        def job(i):
+            return Job(None, f"r{i}", None, [1], [2], SamplingParams(), "length", False, None, None, ())
+
+        shadow.start()
+        try:
+            burst = now[0]
+            for i in range(4):
+                shadow.offer(job(i))
+            await settle()
+            assert starts == []  # the first job of the burst: live requests run and nothing is earned yet
+            while len(starts) < 4 and now[0] < burst + 60:
+                now[0] += 0.05
+                await settle()
+            assert len(starts) == 4 and all(b for _, b in starts)
+            # the first waited for its guessed cost, the others for the measured one
+            first = FIRST_COST_S * (1 - share) / share
+            assert burst + first - 1e-9 <= starts[0][0] <= burst + first + 0.05 + 1e-9
+            for k, (t, _) in enumerate(starts, 1):  # k jobs' time within the share of [burst, end of job k]
+                assert k * took <= share * (t + took - burst) + 1e-9, (k, t - burst)
+            # idle: a job runs at once, and costs nothing
+            busy[0], idle = False, now[0]
+            shadow.offer(job(4))
+            await settle()
+            assert len(starts) == 5 and starts[-1] == (idle, False)
+            # the next burst: whatever budget was left is not carried into it
+            assert shadow.budget <= 0
+            busy[0] = True
+            shadow.offer(job(5))
+            await settle()
+            assert len(starts) == 5
+            now[0] += 0.05
+            await settle()
+            assert len(starts) == 5
+        finally:
+            shadow.stop()
+
+    asyncio.run(run())
