@@ -113,8 +113,9 @@ def endpoint_delete(name: EndpointArg, reason: ReasonOpt = None, workspace: Work
 def endpoint_compare(name: EndpointArg,
                      since: Annotated[str, typer.Option(help="How far back: 90s, 30m, 1h, 7d.")] = "1h",
                      workspace: WorkspaceOpt = None):
-    """Scored answers per deployment: rows, shadow pairs, prompt and answer NLL (95% intervals), flag
-    rate, latency, greedy agreement with the live answer."""
+    """Scored answers per deployment: rows, shadow pairs, prompt and answer NLL, flag rate, answer length,
+    stop reasons, time to first token, latency (means with 95% intervals), greedy agreement with the live
+    answer."""
     from rich.table import Table
 
     from lmops.deploy.compare import parse_duration, summarise
@@ -145,13 +146,17 @@ def endpoint_compare(name: EndpointArg,
             "endpoint (shadow pairs when a deployment is mirrored: lmops traffic set E ... --mirror NAME=20)")
         return
 
+    def ci(x, spec=".3f"):
+        return "" if x is None else x.format(spec)
+
     table = Table("deployment", "rows", "live", "shadow pairs", "prompt_nll", "answer_nll", "answer_nll vs live",
-                  "flagged", "latency s", "agreement", title=f"{name}, last {since} (means ± 95% interval)",
-                  title_justify="left")
+                  "flagged", "tokens", "stop reasons", "ttft s", "latency s", "agreement",
+                  title=f"{name}, last {since} (means ± 95% interval)", title_justify="left")
     for s in summarise(scores):
+        stops = ", ".join(f"{k} {v:.0%}" for k, v in s.stop_reasons.items())
         table.add_row(s.deployment, str(s.rows), str(s.live), str(s.shadow), cell(s.prompt_nll), cell(s.answer_nll),
-                      cell(s.answer_nll_vs_live), cell(s.flag_rate, ".1%"), cell(s.mean_latency_s),
-                      cell(s.agreement, ".1%"))
+                      cell(s.answer_nll_vs_live), cell(s.flag_rate, ".1%"), ci(s.answer_tokens, ".1f"), stops,
+                      ci(s.ttft_s), ci(s.latency_s), cell(s.agreement, ".1%"))
     console.print(table)
 
 

@@ -2,8 +2,9 @@
 of score records (lmops/store/scores.py), with 95% confidence intervals (Student's t on the mean).
 
 Per deployment: rows (live and shadow), mean prompt_nll and answer_nll with their intervals, the share
-of answers moderation flagged, mean latency, and for a shadow deployment the greedy agreement rate with
-the live answer. Pairs (a shadow row and the live row of the same request) also give the paired
+of answers moderation flagged, answer length (tokens), the share of each stop reason (length, stop, ...),
+time to first token and latency (each a mean with its interval), and for a shadow deployment the greedy
+agreement rate with the live answer. Pairs (a shadow row and the live row of the same request) also give the paired
 difference of answer_nll, shadow minus live, both scored by the one reference model: the sharpest
 comparison, since each pair shares its prompt.
 """
@@ -40,9 +41,12 @@ class Interval:
     n: int
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, spec: str = ".3f") -> str:
         if self.low is None:
-            return f"{self.mean:.3f}"
-        return f"{self.mean:.3f} ± {(self.high - self.low) / 2:.3f}"
+            return format(self.mean, spec)
+        return f"{format(self.mean, spec)} ± {format((self.high - self.low) / 2, spec)}"
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval | None:
@@ -64,6 +68,13 @@ def _rate(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def _shares(values: Sequence[str]) -> dict[str, float]:
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[v] += 1
+    return {k: c / len(values) for k, c in sorted(counts.items(), key=lambda kc: (-kc[1], kc[0]))}
+
+
 @dataclass(frozen=True)
 class DeploymentSummary:
     deployment: str
@@ -74,7 +85,10 @@ class DeploymentSummary:
     answer_nll: Interval | None
     answer_nll_vs_live: Interval | None  # paired: shadow minus live on the same requests
     flag_rate: float | None
-    mean_latency_s: float | None
+    answer_tokens: Interval | None  # answer length (completion tokens)
+    stop_reasons: dict[str, float]  # share of the answers per finish reason, largest first
+    ttft_s: Interval | None  # time to first token
+    latency_s: Interval | None
     agreement: float | None  # shadow rows whose greedy answer equalled the live one
     errors: int
 
@@ -104,7 +118,10 @@ def summarise(scores: Iterable[Any]) -> list[DeploymentSummary]:
             answer_nll=mean_ci([r.answer_nll for r in mine if r.answer_nll is not None]),
             answer_nll_vs_live=mean_ci(diffs),
             flag_rate=_rate([bool(r.flagged) for r in mine if r.flagged is not None]),
-            mean_latency_s=(lambda v: sum(v) / len(v) if v else None)([r.latency_s for r in mine if r.latency_s is not None]),
+            answer_tokens=mean_ci([float(r.completion_tokens) for r in mine if r.completion_tokens is not None]),
+            stop_reasons=_shares([r.finish_reason for r in mine if r.finish_reason]),
+            ttft_s=mean_ci([r.ttft_s for r in mine if r.ttft_s is not None]),
+            latency_s=mean_ci([r.latency_s for r in mine if r.latency_s is not None]),
             agreement=_rate([bool(r.agree) for r in shadow if r.agree is not None]),
             errors=sum(1 for r in mine if r.error),
         ))

@@ -140,8 +140,18 @@ def test_compare_summarises_scores_per_deployment(cli, chat):
         now = utcnow()
         traffic(store, "blue", now - timedelta(minutes=5), now, 20, prompt_nll=2.0)
         traffic(store, "green", now - timedelta(minutes=5), now, 20, prompt_nll=4.0)
+        # answers with length, stop reason and time to first token stored (as the shadow scorer writes them)
+        store.scores.add([{"ts": now - timedelta(minutes=1), "request_id": f"g{i}", "endpoint": "chat",
+                           "deployment": "green", "role": "shadow", "completion_tokens": 12,
+                           "finish_reason": "stop" if i == 0 else "length", "ttft_s": 0.125, "latency_s": 0.5}
+                          for i in range(4)])
     out = cli("endpoint", "compare", "chat", "--since", "1h")
     assert "blue" in out and "green" in out and "2.000 ± 0.000" in out and "4.000" in out
+    for column in ("tokens", "stop reasons", "ttft s", "latency s"):
+        assert column in out, out
+    # latency with its interval (blue: 20 answers of 0.2 s), green's length, stop shares and ttft
+    assert "0.200 ± 0.000" in out and "12.0 ± 0.0" in out and "length 75%" in out and "stop 25%" in out, out
+    assert "0.125 ± 0.000" in out, out
     assert "no scored answers" in cli("endpoint", "compare", "chat", "--since", "1s")
 
 
