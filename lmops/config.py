@@ -529,9 +529,10 @@ class ServeConfig(Section):
     )
     moderation_holdback_chars: int = Field(
         64, ge=0,
-        description="Streaming holds back this many characters of a completion until moderation has seen "
-        "what follows them: PII (an e-mail, a card number) shorter than this is redacted before any of it "
-        "is sent. Costs that much delay at the start of a stream.",
+        description="Streaming holds back what moderation could still change as more text comes (the word "
+        "or number being written: the start of an e-mail, a card number, a blocklisted phrase), at most "
+        "this many characters: PII shorter than this is redacted before any of it is sent. Prose goes out "
+        "a word behind the model; a long run without spaces waits up to this many characters.",
     )
     moderation_interval_chars: int = Field(
         16, ge=1,

@@ -238,7 +238,10 @@ def find_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> list[Finding]:
 
 def redact_pii(text: str, kinds: Iterable[str] = PII_KINDS) -> tuple[str, dict[str, int]]:
     """text with each finding replaced by its placeholder ([EMAIL], [SECRET], ...), and counts per kind."""
-    findings = find_pii(text, kinds)
+    return _redact(text, find_pii(text, kinds))
+
+
+def _redact(text: str, findings: list[Finding]) -> tuple[str, dict[str, int]]:
     counts = {kind: 0 for kind in PII_KINDS}
     if not findings:
         return text, counts
@@ -300,6 +303,18 @@ class Moderation:
     action: Action
     text: str
     hits: dict[str, list[str]]
+    findings: tuple[Finding, ...] = ()  # the PII spans of the original text replaced in .text
+
+    def position(self, i: int) -> int:
+        """Where position i of the original text is in .text; a replaced span that i cuts is left whole
+        after it (i moves back to the span's start)."""
+        shift = 0
+        for f in self.findings:
+            if f.end <= i:
+                shift += len(PLACEHOLDERS[f.kind]) - (f.end - f.start)
+            elif f.start < i:
+                return f.start + shift
+        return i + shift
 
 
 def moderate(text: str, cfg: SafetyConfig, direction: Literal["input", "output"]) -> Moderation:
@@ -316,7 +331,8 @@ def moderate(text: str, cfg: SafetyConfig, direction: Literal["input", "output"]
     """
     if direction not in ("input", "output"):
         raise ValueError(f"direction {direction!r}: expected 'input' or 'output'")
-    redacted, counts = redact_pii(text, cfg.pii_kinds)
+    findings = find_pii(text, cfg.pii_kinds)
+    redacted, counts = _redact(text, findings)
     found = {
         "pii": [kind for kind in PII_KINDS if counts[kind]],
         "blocklist": blocklist_hits(text, cfg.blocklist),
@@ -326,4 +342,58 @@ def moderate(text: str, cfg: SafetyConfig, direction: Literal["input", "output"]
     hits = {rule: names for rule, names in found.items() if names}
     action = max((actions[rule] for rule in hits), key=STRENGTH.__getitem__, default="allow")
     scrub = "pii" in hits and cfg.pii_action in ("redact", "block")
-    return Moderation(action, redacted if scrub else text, hits)
+    return Moderation(action, redacted, hits, tuple(findings)) if scrub else Moderation(action, text, hits)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+# Characters a phone or card number is written with (digits are tested with str.isdigit, as \d reads them).
+_NUMBER_CHARS = frozenset(" .-()+/")
+
+
+@lru_cache(maxsize=64)
+def _term_prefixes(terms: tuple[str, ...]) -> frozenset[str]:
+    """Every beginning of every blocklisted term, case-folded, words joined by one space."""
+    keys = {" ".join(t.casefold().split()) for t in terms if t.strip()}
+    return frozenset(k[:n] for k in keys for n in range(1, len(k) + 1))
+
+
+def unsettled(text: str, cfg: SafetyConfig, limit: int) -> int:
+    """Where the part of text that more text could still change under moderate(text + more, cfg) starts.
+
+    A stream sends text[:unsettled(...)] and holds the rest: what may be PII or a blocklisted term still
+    being written. By kind: an e-mail, an IP address, a key or token, a secret's value are written without
+    whitespace, so the last run of non-whitespace is held; a phone or card number is digits and separators
+    (` .-()+/`), so the last run of those from a digit, `+` or `(`; a blocklisted term, from the earliest word start whose text so
+    far begins a term. Only rules that change or end a stream count (pii_action redact or block,
+    blocklist_action block): a flag changes nothing sent. Never more than the last `limit` characters
+    (serve.moderation_holdback_chars): longer PII may be partly sent before it is recognised. The scan
+    reads at most `limit` characters, whatever the length of text.
+    """
+    n = len(text)
+    floor = max(0, n - limit)
+    cut = n
+    kinds = set(cfg.pii_kinds) if cfg.pii_action in ("redact", "block") else set()
+    if kinds & {"email", "ip", "secret"}:
+        i = n
+        while i > floor and not text[i - 1].isspace():
+            i -= 1
+        cut = min(cut, i)
+    if kinds & {"phone", "credit_card"}:
+        i = n
+        while i > floor and (text[i - 1].isdigit() or text[i - 1] in _NUMBER_CHARS):
+            i -= 1
+        while i < n and not (text[i].isdigit() or text[i] in "+("):  # where a number can start
+            i += 1
+        cut = min(cut, i)
+    if cfg.blocklist_action == "block" and cfg.blocklist and cut > floor:
+        prefixes = _term_prefixes(tuple(cfg.blocklist))
+        for i in range(floor, cut):  # the earliest start wins: stop there
+            if i > 0 and (text[i - 1].isalnum() or text[i - 1] == "_"):
+                continue  # terms start at a word boundary
+            tail = text[i:].casefold()
+            norm = " ".join(tail.split()) + (" " if tail[-1:].isspace() else "")
+            if norm in prefixes:
+                cut = i
+                break
+    return cut

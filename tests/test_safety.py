@@ -362,3 +362,50 @@ def test_a_plus_and_zeros_is_not_a_phone_number():
     assert kinds("'{:+010d}'.format(120) gives '+000000120'") == []
     assert kinds("+000000120 and +0044 20 7946 0958") == []
     assert found("call +44 20 7946 0958") == [("phone", "+44 20 7946 0958")]
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("text, held", [
+    ("Hello there, my frie", "frie"),  # a word being written could become an e-mail's local part
+    ("write to jane@exam", "jane@exam"),
+    ("write to jane@example.com", "jane@example.com"),  # a complete address may still grow (.com.au)
+    ("the end. ", ""),  # nothing is being written
+    ("call 555-123", "555-123"),  # numbers: digits and separators, spaces included
+    ("call (555) 123 45", "(555) 123 45"),
+    ("card 4111 1111 1111 ", "4111 1111 1111 "),
+    ("password: hunter", "hunter"),  # a secret's value: only it is replaced, the name may go
+    ("from 10.0.0.", "10.0.0."),
+    ("some prose then the forbid", "forbid"),  # the start of a blocklisted term
+    ("then the forbidden  fr", "forbidden  fr"),  # a phrase, any whitespace between its words
+    ("then the forbidden ", "forbidden "),
+    ("then the forbidden apple ", ""),  # not the phrase after all
+])
+def test_unsettled_holds_what_moderation_could_still_change(text, held):
+    from lmops.safety import unsettled
+
+    cut = unsettled(text, _cfg(blocklist=["forbidden fruit"]), 64)
+    assert text[cut:] == held
+
+
+def test_unsettled_holds_at_most_the_limit_and_only_for_rules_that_change_text():
+    from lmops.safety import unsettled
+
+    text = "x" * 500
+    assert unsettled(text, _cfg(), 64) == 500 - 64  # a run without spaces: the holdback bounds it
+    flag_only = _cfg(pii_action="flag", blocklist=["forbidden fruit"], blocklist_action="flag")
+    assert unsettled("write to jane@exam and the forbid", flag_only, 64) == len("write to jane@exam and the forbid")
+    assert unsettled("call 555 123", _cfg(pii_kinds=["email"]), 64) == len("call 555 ")  # only the kinds redacted
+    assert unsettled("call 555-123", _cfg(pii_kinds=["phone"]), 64) == len("call ")
+    assert unsettled("call 555 123", _cfg(pii_kinds=["phone"]), 64) == len("call ")
+
+
+def test_unsettled_reads_at_most_the_limit_of_a_long_text():
+    from lmops.safety import unsettled
+
+    cfg = _cfg(blocklist=[f"term{i} phrase" for i in range(200)])
+    for text in ("a " * 500_000, "5 " * 500_000, "ab" * 500_000):
+        t0 = time.perf_counter()
+        unsettled(text, cfg, 64)
+        assert time.perf_counter() - t0 < 0.05  # a megabyte: linear would take far longer than this

@@ -50,7 +50,7 @@ from starlette.types import Receive, Scope, Send
 
 from lmops.config import Config
 from lmops.errors import LmopsError
-from lmops.safety import moderate
+from lmops.safety import moderate, unsettled
 from lmops.serve.engine import Engine, EngineStopped, QueueFull, RequestHandle, SamplingParams
 from lmops.serve.metrics import Metrics
 from lmops.serve.middleware import BodyLimit, RequestLog
@@ -259,9 +259,10 @@ class Server:
                               stop_token_ids=() if served.eos_id is None or body.ignore_eos else (served.eos_id,))
 
     def choice(self, handle, served: ServedModel, ids: list[int], stops: list[str], lstrip: bool = False) -> Choice:
-        moderator = (lambda text: moderate(text, self.cfg.safety, "output")) if self.moderation_on else None
-        return Choice(handle, Detokenizer(served.tokenizer, ids), stops, moderator, self.sc.moderation_holdback_chars,
-                      lstrip, every=self.sc.moderation_interval_chars)
+        safety, holdback = self.cfg.safety, self.sc.moderation_holdback_chars
+        moderator = (lambda text: moderate(text, safety, "output")) if self.moderation_on else None
+        return Choice(handle, Detokenizer(served.tokenizer, ids), stops, moderator, holdback, lstrip,
+                      every=self.sc.moderation_interval_chars, unsettled=lambda text: unsettled(text, safety, holdback))
 
     def finish(self, choices: list[Choice], row: dict, prompt: str) -> None:
         """Count and record the choices, finished or cut short by a client that left."""

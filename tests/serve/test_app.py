@@ -20,6 +20,8 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmops.checkpoint import Checkpoint
@@ -332,11 +334,102 @@ def test_a_moderated_stream_releases_text_in_steps_and_all_of_it_at_the_end():
     calls, before = 0, calls
     stepped = stream(plain, 12)
     assert "".join(per_token) == "".join(stepped) == plain
-    assert all(len(p) >= 12 for p in stepped[:-1]) and len(stepped) < len(per_token) / 3
-    assert calls < before / 3  # one moderation pass per release, and one at the end
+    # the first text as soon as any can go (time to first token), then in steps
+    assert len(stepped[0]) < 12 and all(len(p) >= 12 for p in stepped[1:-1]) and len(stepped[1:]) < len(per_token) / 3
+    assert calls <= len(stepped) + 1 < before / 3 + 2  # one moderation pass per release, and one at the end
     text = "hello world, " * 4 + "write to me@example.com soon"
     pieces = stream(text, 12)
     assert "".join(pieces) == text.replace("me@example.com", "[EMAIL]")  # redacted before any of it went out
+
+
+class _Chunks:
+    """A detokenizer whose token i is chunks[i]: a stream of any text cut anywhere, without a tokenizer."""
+
+    def __init__(self, chunks: list[str]):
+        self.chunks = chunks
+
+    def add(self, token_id: int) -> str:
+        return self.chunks[token_id]
+
+    def flush(self) -> str:
+        return ""
+
+
+def _moderated_stream(chunks: list[str], cfg, holdback: int = 64) -> tuple[list[tuple[int, str]], object]:
+    """Stream chunks through a Choice moderated as the server does: [(characters generated when a
+    piece was released, its text)], and the choice."""
+    from lmops.safety import moderate, unsettled
+    from lmops.serve.engine import TokenEvent
+    from lmops.serve.output import Choice
+
+    generated = [0]
+
+    class OneByOne:
+        finish_reason = "length"
+
+        async def batches(self):
+            for i, chunk in enumerate(chunks):
+                generated[0] += len(chunk)
+                yield [TokenEvent(i)]
+
+        def cancel(self):
+            pass
+
+    choice = Choice(OneByOne(), _Chunks(chunks), [], lambda t: moderate(t, cfg, "output"), holdback, every=16,
+                    unsettled=lambda t: unsettled(t, cfg, holdback))
+
+    async def run():
+        return [(generated[0], p.text) async for p in choice.pieces() if p.text]
+
+    return asyncio.run(run()), choice
+
+
+_PII = ["jane.doe@example.com", "555-123-4567", "+44 20 7946 0958", "4111 1111 1111 1111", "192.168.1.20",
+        "password: hunter22!", "sk-abcdefghij0123456789ABCDEFGHIJ", "(555) 123-4567", "fe80::1ff:fe23:4567:890a"]
+_WORDS = ["the", "cat", "sat", "on", "mat,", "and", "then.", "call", "me", "at", "or", "7", "2024", "x@y", "a-b"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_WORDS), st.sampled_from(_PII)), min_size=1, max_size=30),
+       st.lists(st.sampled_from([" ", "  ", "\n", ", "]), min_size=30, max_size=30),
+       st.lists(st.integers(1, 6), min_size=1, max_size=400))
+def test_a_moderated_stream_sends_exactly_the_moderated_text_however_it_is_cut(parts, seps, cuts):
+    """Text is held only while moderation could still change it; what goes out is, in the end, exactly
+    moderate(whole text): no PII (shorter than the holdback) is ever partly sent, wherever tokens end."""
+    from lmops.safety import moderate
+
+    cfg = _cfg_safety()
+    text = "".join(p + s for p, s in zip(parts, seps))
+    chunks, pos, i = [], 0, 0
+    while pos < len(text):
+        n = cuts[i % len(cuts)]
+        chunks.append(text[pos:pos + n])
+        pos, i = pos + n, i + 1
+    pieces, choice = _moderated_stream(chunks, cfg)
+    assert "".join(p for _, p in pieces) == moderate(text, cfg, "output").text
+    assert choice.finish_reason == "length"
+
+
+def _cfg_safety(**kw):
+    from lmops.config import SafetyConfig
+
+    return SafetyConfig(**kw)
+
+
+def test_a_moderated_stream_sends_prose_a_word_behind_and_never_part_of_a_blocked_phrase():
+    prose = "The quick brown fox jumps over the lazy dog and runs far away into the deep dark woods. " * 2
+    chunks = [prose[i:i + 3] for i in range(0, len(prose), 3)]
+    pieces, _ = _moderated_stream(chunks, _cfg_safety())
+    first_at, first = pieces[0]
+    assert first_at <= 12 and prose.startswith(first)  # a word behind the model, not 64 characters
+    assert "".join(p for _, p in pieces) == prose
+
+    cfg = _cfg_safety(blocklist=["deep dark woods"])
+    pieces, choice = _moderated_stream(chunks, cfg)
+    sent = "".join(p for _, p in pieces)
+    assert choice.finish_reason == "content_filter"
+    assert len(sent) <= prose.index("deep dark woods")  # nothing of the phrase went out
+    assert sent == prose[:len(sent)]
 
 
 # ----------------------------------------------------------------------------- errors
