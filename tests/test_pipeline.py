@@ -108,6 +108,30 @@ def test_a_step_failing_with_a_bug_is_marked_failed_and_keeps_its_traceback(pipe
         assert [(s.name, s.status) for s in run.steps][-1] == ("tokenize", "failed")
 
 
+def test_an_interrupted_pipeline_run_says_to_run_the_pipeline_again(pipeline_ws, cli, monkeypatch):
+    """Ctrl-C in training (the Interrupted error training raises once its checkpoint is saved) or anywhere else
+    in a step: the advice is the pipeline's command, not `lmops train`'s, and the step and run are failed."""
+    import lmops.train
+    from lmops.errors import Interrupted
+
+    def ctrl_c_in_training(*args, **kwargs):
+        raise Interrupted("interrupted at step 3; checkpoint saved to ckpt.safetensors")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    sets = [a for item in [*PIPELINE, "pipeline.steps=[ingest, validate, tokenize, train]"] for a in ("--set", item)]
+    for stop, said in ((ctrl_c_in_training, "interrupted at step 3"), (ctrl_c, "interrupted")):
+        monkeypatch.setattr(lmops.train, "train", stop)
+        out = cli("pipeline", "run", *sets, code=1)
+        assert f"pipeline step 'train' failed: {said};" in out, out
+        assert "run `lmops pipeline run` again" in out and "training resumes from its checkpoint" in out, out
+        assert "lmops train" not in out, out
+    with Store.for_workspace(pipeline_ws, override(pipeline_ws.config(), PIPELINE)) as store:
+        runs = store.pipeline.list_runs(2)
+        assert [r.status for r in runs] == ["failed", "failed"] and runs[0].steps[-1].status == "failed"
+
+
 def test_a_killed_run_shows_as_gone_and_the_next_run_closes_it_and_resumes_training(pipeline_ws):
     import os
     import signal
