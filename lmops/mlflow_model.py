@@ -58,9 +58,10 @@ class LmopsTextGenerator(PythonModel):
 
 
 def is_adapter(folder: Path) -> bool:
+    from lmops.checkpoint import CKPT_NAME
     from lmops.lora import is_adapter
 
-    return not (folder / "ckpt.safetensors").is_file() and is_adapter(folder)
+    return not (folder / CKPT_NAME).is_file() and is_adapter(folder)
 
 
 def load_weights(folder: Path):
@@ -71,13 +72,13 @@ def load_weights(folder: Path):
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from lmops.checkpoint import Checkpoint
+    from lmops.checkpoint import CKPT_NAME, Checkpoint
     from lmops.errors import LmopsError
     from lmops.lora import merged_model, read_info
-    from lmops.util import sha256_file
+    from lmops.util import first_line, sha256_file
 
     if not is_adapter(folder):
-        return Checkpoint(folder / "ckpt.safetensors").model("cpu").eval()
+        return Checkpoint(folder / CKPT_NAME).model("cpu").eval()
     base = read_info(folder)["base"]
     name, _, version = base["version"].rpartition("@")
     with tempfile.TemporaryDirectory(prefix="lmops-base-") as tmp:
@@ -85,10 +86,10 @@ def load_weights(folder: Path):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
         except MlflowException as err:
             raise LmopsError(f"this LoRA adapter's base {base['version']} could not be fetched from the registry "
-                             f"{mlflow.get_registry_uri()} ({str(err).splitlines()[0]}); load the version with "
+                             f"{mlflow.get_registry_uri()} ({first_line(err)}); load the version with "
                              "lmops (lmops.registry.download_checkpoint) in its workspace instead") from None
         base_folder = local / "artifacts" / ARTIFACT
-        weights = base_folder / "ckpt.safetensors"
+        weights = base_folder / CKPT_NAME
         if weights.is_file() and sha256_file(weights) != base["sha256"]:
             raise LmopsError(f"{base['version']} does not hold the weights this LoRA adapter was trained on "
                              f"(sha256 {base['sha256'][:12]})")

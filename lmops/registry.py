@@ -41,6 +41,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from lmops import tracking
+from lmops.checkpoint import CKPT_NAME
 from lmops.config import Config
 from lmops.errors import LmopsError
 from lmops.evaluate import GateResult, check_gates, scalar_metrics
@@ -99,7 +100,7 @@ def register(ws: Workspace, cfg: Config, run_id: str, ckpt_path: Path, eval_resu
     name = cfg.registry.model_name
     ckpt_path = Path(ckpt_path)
     if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / tracking.CHECKPOINT_FILE
+        ckpt_path = ckpt_path / CKPT_NAME
     try:
         run = c.get_run(run_id)
     except MlflowException as err:
@@ -561,7 +562,7 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
     mv = resolve(ws, cfg, ref)
     name, version = mv.name, str(mv.version)
     dest = ws.state / "models" / name / version
-    ckpt = dest / tracking.CHECKPOINT_FILE
+    ckpt = dest / CKPT_NAME
     if ckpt.is_file():
         return ckpt
     import mlflow.artifacts
@@ -579,12 +580,12 @@ def download_checkpoint(ws: Workspace, cfg: Config, ref: str) -> Path:
         with tracking.quiet_downloads():
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
                                                              tracking_uri=tracking.tracking_uri(ws, cfg)))
-        got = local / tracking.CHECKPOINT_FILE
+        got = local / CKPT_NAME
         if not got.is_file() and lora.is_adapter(local):
             _merge_adapter(ws, cfg, local, f"{name} v{version}", tags.get(tracking.TAG_ADAPTER_SHA))
             want = None  # made here, of checked parts
         if not got.is_file():
-            raise LmopsError(f"{name} v{version}: its artifacts at {uri} hold no {tracking.CHECKPOINT_FILE}; "
+            raise LmopsError(f"{name} v{version}: its artifacts at {uri} hold no {CKPT_NAME}; "
                              "register the run's checkpoint again")
         if want and sha256_file(got) != want:
             raise LmopsError(f"{name} v{version}: downloaded checkpoint does not match the sha256 recorded at "
@@ -612,7 +613,7 @@ def _merge_adapter(ws: Workspace, cfg: Config, folder: Path, what: str, adapter_
         raise LmopsError(f"{what}: a LoRA adapter of {base['version']}, whose weights are not the ones it was trained "
                          f"on (sha256 {base['sha256'][:12]}); its base version was changed")
     model = lora.merged_model(folder, Checkpoint(base_ckpt).model())
-    save_checkpoint(folder / tracking.CHECKPOINT_FILE, model, meta=lora.read_info(folder)["meta"])
+    save_checkpoint(folder / CKPT_NAME, model, meta=lora.read_info(folder)["meta"])
 
 
 def list_versions(ws: Workspace, cfg: Config) -> list[dict]:

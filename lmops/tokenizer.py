@@ -31,6 +31,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmops.errors import LmopsError
+from lmops.util import first_line
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -152,8 +153,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for any bad file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LmopsError(f"{path}: not a valid tokenizer ({reason}); run `lmops tokenizer train` again") from None
+        raise LmopsError(f"{path}: not a valid tokenizer ({first_line(err)}); run `lmops tokenizer train` again") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -55,7 +55,6 @@ from lmops.workspace import Workspace
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 CHECKPOINT_ARTIFACT = "checkpoint"  # run artifact folder of versions registered before MLflow models
-CHECKPOINT_FILE = "ckpt.safetensors"  # the name lmops.train writes and lmops.checkpoint looks for
 MODEL_NAME = "model"  # the logged model's name in its run
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FLUSH_ROWS = 50
@@ -487,11 +486,11 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
     any other base (a path, a Hugging Face folder) there is no version to merge with later: merged.
     """
     from lmops import lora
-    from lmops.checkpoint import Checkpoint, save_checkpoint
+    from lmops.checkpoint import CKPT_NAME, Checkpoint, save_checkpoint
 
     ckpt_path = Path(ckpt_path)
     if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / CHECKPOINT_FILE
+        ckpt_path = ckpt_path / CKPT_NAME
     if not ckpt_path.is_file():
         raise LmopsError(f"{ckpt_path}: no checkpoint to log; train one with `lmops train`")
     c = mlflow_client or MlflowClient()
@@ -507,7 +506,7 @@ def log_model(run_id: str, ckpt_path: Path, mlflow_client: MlflowClient | None =
             adapter = lora.write_adapter(folder, ckpt, sha)
             tags = {TAG_CHECKPOINT_SHA: sha, TAG_ADAPTER_SHA: sha256_file(adapter)}
         else:
-            weights = save_checkpoint(folder / CHECKPOINT_FILE, ckpt.model(), meta=ckpt.meta | {"source_sha256": sha})
+            weights = save_checkpoint(folder / CKPT_NAME, ckpt.model(), meta=ckpt.meta | {"source_sha256": sha})
             tags = {TAG_CHECKPOINT_SHA: sha, TAG_WEIGHTS_SHA: sha256_file(weights)}
         if ckpt.meta.get("lora"):
             tags[TAG_LORA] = json.dumps(ckpt.meta["lora"], sort_keys=True)

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmops.errors import LmopsError
+from lmops.util import first_line
 
 NEEDS = "a Hugging Face model other than Llama needs transformers >= 5 (pip install 'lmops[hf]')"
 
@@ -250,7 +251,7 @@ def import_folder(folder: Path, block_size: int | None = None) -> TransformersLM
                                                        dtype=torch.float32)
     except (ValueError, KeyError, OSError) as err:
         raise LmopsError(f"{folder}: transformers cannot load it as a causal LM "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                         f"({first_line(err)})") from None
     cfg = TransformersConfig(model.config.to_dict(), 0)
     block = block_size or cfg.max_positions or 2048
     return TransformersLM(TransformersConfig(cfg.hf, block), model).eval()

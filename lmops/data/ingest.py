@@ -47,6 +47,7 @@ from lmops.config import DataConfig, SafetyConfig
 from lmops.data.dataset import Doc, doc_id
 from lmops.errors import LmopsError
 from lmops.safety import PII_KINDS, blocklist_hits, redact_pii
+from lmops.util import first_line
 
 FORMATS = (".txt", ".md", ".jsonl", ".csv", ".parquet")
 QUARANTINE = "quarantine"
@@ -244,7 +245,7 @@ def _parquet(data: bytes, label: str, field: str) -> list[tuple[str, str]]:
             raise ValueError(f"column {field!r} holds {column.type}, not text")
         values = column.to_pylist()
     except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"unreadable parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise ValueError(f"unreadable parquet ({first_line(err)})") from None
     return [(v or "", f"{label}:{i}") for i, v in enumerate(values, start=1)]
 
 

@@ -51,7 +51,7 @@ def require_bundle(folder: Path) -> None:
 
 def write_bundle(ws, cfg: Config, ref: str, out: Path, force: bool = False) -> dict:
     """Package what `ref` names into `out` (refused when out holds files, unless force); bundle.json's dict."""
-    from lmops.checkpoint import save_checkpoint
+    from lmops.checkpoint import CKPT_NAME, save_checkpoint
     from lmops.serve.source import ModelSource
     from lmops.tokenizer import save_tokenizer
 
@@ -65,7 +65,7 @@ def write_bundle(ws, cfg: Config, ref: str, out: Path, force: bool = False) -> d
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # replaced in whole, at the end
     try:
-        save_checkpoint(tmp / "ckpt.safetensors", served.model, meta={"bundle": True})
+        save_checkpoint(tmp / CKPT_NAME, served.model, meta={"bundle": True})
         save_tokenizer(served.tokenizer, tmp)
         folder = _source_folder(ws, cfg, source)
         for name in _COPIED:
