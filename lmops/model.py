@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -329,14 +330,26 @@ def sample(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k:
             logits = logits.masked_fill(on & (logits < kth), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     if top_p is not None:
-        p = torch.as_tensor(top_p, device=logits.device, dtype=probs.dtype).reshape(-1, 1)
+        p = torch.as_tensor(top_p, device=logits.device, dtype=probs.dtype).reshape(-1, 1).expand(B, 1)
         on = (p > 0) & (p < 1)
         if bool(on.any()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = on & (sorted_probs.cumsum(dim=-1) - sorted_probs >= p)
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+            # Keep each token whose more likely tokens hold less than top_p of the mass (the most likely
+            # always stays; a tie at the edge stays whole): the tokens at or above a threshold, found
+            # from the sorted values alone. No argsort and no scatter back: on a CPU numpy's sort
+            # (SIMD) of the values takes ~1/5 of torch.sort's time, which was 40% of a 32-row decode
+            # step of a 4 x 256 model, and 73 ms a step at vocabulary 32000.
+            rows = on.view(-1).nonzero().view(-1)
+            sub = probs[rows]
+            if sub.device.type == "cpu":
+                asc = torch.from_numpy(np.sort(sub.numpy(), axis=-1))
+            else:
+                asc = torch.sort(sub, dim=-1).values
+            wide = asc.double()
+            above = wide.sum(-1, keepdim=True) - wide.cumsum(dim=-1)  # mass of the tokens after each, ascending
+            first = (above >= p[rows].double()).sum(-1, keepdim=True).clamp(max=V - 1)  # first kept position
+            threshold = asc.gather(-1, first)
+            probs = probs.clone()
+            probs[rows] = sub.masked_fill(sub < threshold, 0.0)
     # inverse CDF: one uniform per row. torch.multinomial draws an exponential for every vocabulary
     # entry, which costs more than the rest of a small model's decode step per row.
     if uniform is None:

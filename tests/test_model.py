@@ -87,6 +87,31 @@ def test_rows_sampled_together_equal_rows_sampled_alone():
             assert token in logits[row].topk(k).indices.tolist()
 
 
+def test_top_p_draws_from_the_nucleus_in_proportion():
+    """The smallest set of most likely tokens whose mass reaches top_p, renormalised (the reference: a
+    full sort, as Hugging Face's TopPLogitsWarper), for one top_p and for each row its own."""
+    torch.manual_seed(1)
+    logits = 3 * torch.randn(4, 50)
+    n = 20_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # evenly spread: frequencies are the probabilities
+    for top_p in (0.2, 0.5, 0.9, 0.95, torch.tensor([0.3, 0.6, 0.99, 0.8])):
+        ps = top_p.tolist() if torch.is_tensor(top_p) else [top_p] * 4
+        for row, p in enumerate(ps):
+            probs = torch.softmax(logits[row], -1)
+            sorted_probs, order = probs.sort(descending=True)
+            keep = order[(sorted_probs.cumsum(0) - sorted_probs) < p]
+            want = torch.zeros(50).index_put_((keep,), probs[keep])
+            want /= want.sum()
+            rows = logits[row:row + 1].expand(n, 50)
+            row_p = top_p[row].expand(n) if torch.is_tensor(top_p) else top_p
+            drawn = sample(rows, 1.0, top_p=row_p, uniform=u.float()).view(-1)
+            got = torch.bincount(drawn, minlength=50).double() / n
+            assert set(drawn.tolist()) == set(keep.tolist())
+            assert (got - want).abs().max() < 2 / n + 1e-6
+    both = sample(logits, 1.0, top_p=0.5, uniform=torch.full((4,), 0.999)).view(-1).tolist()  # one top_p, 4 rows
+    assert both == [sample(logits[i:i + 1], 1.0, top_p=0.5, uniform=torch.full((1,), 0.999)).item() for i in range(4)]
+
+
 def test_tied_embeddings_share_storage_and_param_groups_cover_all():
     model = tiny()
     assert model.lm_head.weight is model.embed.weight
