@@ -74,7 +74,10 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 matmul (AVX512-BF16 or AMX): there bf16 autocast trains small models faster.
     oneDNN's own check (`mkldnn._is_mkldnn_bf16_supported`) also says yes on plain AVX-512, where bf16
-    is emulated: a training step there took 2.3x as long as in float32 (4 x 128 model, batch 32 x 128)."""
+    is emulated: a training step there took 2.3x as long as in float32 (4 x 128 model, batch 32 x 128).
+    And when PyTorch's kernels are capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2), bf16 is emulated too."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # kernels capped (ATEN_CPU_CAPABILITY=avx2) or none
+        return False
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)

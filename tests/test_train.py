@@ -136,3 +136,11 @@ def test_bf16_autocast_only_where_the_cpu_has_it_natively():
     flags = set(Path("/proc/cpuinfo").read_text().split())
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_no_bf16_autocast_when_pytorchs_kernels_are_capped_below_avx512():
+    """ATEN_CPU_CAPABILITY=avx2 (what an AVX2 machine runs, or a user capping the ISA): bf16 is emulated there."""
+    code = "import torch; from lmops.train import resolve_dtype; print(resolve_dtype('auto', torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "torch.float32"
