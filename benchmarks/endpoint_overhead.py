@@ -19,7 +19,10 @@ end-to-end latency is compared with the model server's of the same round, and th
 reported (each round's sides run a moment apart,
 in the order ABC CBA ABC ..., so the drift cancels). Target: endpoint within 2% of model. After each side's
 turn the next waits until that server is idle (no request running or waiting, no shadow job pending):
-the mirror's scoring, left running, would otherwise land on whichever side comes next.
+the mirror's scoring, left running, would otherwise land on whichever side comes next. Also reported: a
+distribution-free 95% interval of each median ratio (binomial order statistics), each server's CPU time
+per request from /proc (its shadow work after the clients finished included), and routing_cost()
+in this process without and with a mirror (the draw, the shadow Job and Shadow.offer per answer).
 """
 
 from __future__ import annotations
@@ -112,25 +115,56 @@ class Server(serve_load.Server):
         self.start([__file__, "--serve", str(folder), "{port}", mode])
 
 
-def routing_cost(calls: int = 200_000) -> float:
+def routing_cost(calls: int = 200_000, mirror: dict[str, int] | None = None) -> float:
     """Microseconds per request of what an endpoint adds in the request path, in this process: the weighted
-    pick, the mirror draw and the two response headers (the store is read by a poller, not per request)."""
+    pick, the mirror draw and the two response headers (the store is read by a poller, not per request).
+    With `mirror` (e.g. {"green": 20}), also what app.to_shadow does per answer: the shadow check, the
+    Job built from the answer (a 16-token prompt, 128 tokens answered) and Shadow.offer; the job is taken
+    off the queue again so that every offer is the accepted one (the get adds its own small cost)."""
     from lmops.config import Config
     from lmops.deploy.endpoints import Endpoint
     from lmops.serve.app import served_headers
+    from lmops.serve.engine import SamplingParams
     from lmops.serve.router import Backend, Router
+    from lmops.serve.shadow import Job, Shadow
+    from lmops.store import utcnow
 
     router = Router(Config(), "bench")
+    router.endpoint = "bench"
     for name in ("blue", "green"):
         router.backends[name] = Backend(name, None, served=object())
-    router.apply(Endpoint("bench", traffic={"blue": 90, "green": 10}, mirror={}, revision=1))
-    row = {"deployment": "blue", "model_version": "1"}
+    traffic = {"blue": 100, "green": 0} if mirror else {"blue": 90, "green": 10}
+    router.apply(Endpoint("bench", traffic=traffic, mirror=dict(mirror or {}), revision=1))
+    shadow = Shadow(router, None, Config())
+    row = {"deployment": "blue", "model_version": "1", "request_id": "chatcmpl-0123456789abcdef"}
+    ids, prompt, params = list(range(144)), list(range(16)), SamplingParams()
     started = time.perf_counter()
     for _ in range(calls):
         b = router.pick(None)
-        router.mirror_targets(b.name)
+        targets = router.mirror_targets(b.name)
         served_headers(row)
+        if mirror and shadow.comparing:
+            live = router.backends.get(row["deployment"])
+            shadow.offer(Job(utcnow(), row["request_id"], live, list(prompt), ids[len(prompt):], params, "length",
+                             False, 0.05, 0.4, targets))
+            shadow.queue.get_nowait()
     return (time.perf_counter() - started) / calls * 1e6
+
+
+def median_ci(xs: list[float]) -> tuple[float, float]:
+    """A distribution-free 95% interval for the median: the order statistics whose ranks a Binomial(n, 1/2)
+    puts 2.5% below and above (n >= 6)."""
+    from math import comb
+
+    xs, n = sorted(xs), len(xs)
+    cdf, lo = 0.0, 0
+    for k in range(n + 1):
+        cdf += comb(n, k) / 2 ** n
+        if cdf > 0.025:
+            lo = k
+            break
+    lo = max(lo - 1, 0)
+    return xs[lo], xs[n - 1 - lo]
 
 
 def main() -> None:
@@ -149,15 +183,20 @@ def main() -> None:
         try:
             means: dict[str, list[float]] = {m: [] for m in servers}
             waited: dict[str, list[float]] = {m: [] for m in servers}
+            cpu_ms: dict[str, list[float]] = {m: [] for m in servers}
             print(f"{CLIENTS} streaming clients x {args.requests_per_client} requests, {args.max_tokens} tokens each, "
                   f"{args.rounds} rounds alternating")
             for i in range(args.rounds):
                 # ABC CBA ...: a drift of the machine's speed within a round pair lands on every side alike
                 for mode, server in list(servers.items())[::1 if i % 2 == 0 else -1]:
+                    cpu = cpu_seconds(server.proc.pid)
                     results, _ = asyncio.run(load(server.url, key, prompts, CLIENTS, args.requests_per_client,
                                                   args.max_tokens))
                     means[mode].append(statistics.fmean(r.latency for r in results) * 1000)
                     waited[mode].append(idle(server.url, server.proc.pid))
+                    # the server's CPU for the side's requests, its shadow work after them included
+                    cpu_ms[mode].append((cpu_seconds(server.proc.pid) - cpu) * 1000 / len(results))
+                print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             dropped = httpx.get(f"{servers['mirror'].url}/metrics") \
                 if "mirror" in servers else None
         finally:
@@ -170,12 +209,19 @@ def main() -> None:
         # each round's pair measured a moment apart: the ratio cancels the drift between rounds
         ratios = sorted(100 * (a / b - 1) for a, b in zip(means[mode], means["model"]))
         q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        lo, hi = median_ci(ratios) if len(ratios) >= 6 else (None, None)
+        ci = f" 95% CI of the median {lo:+.1f}% .. {hi:+.1f}%," if lo is not None else ""
         target = " (target < +2%)" if mode == "endpoint" else " (shadow work within serve.shadow_busy_share)"
         print(f"{mode} vs model, per-round ratio of mean E2EL: median {med:+.1f}% (quartiles {q1:+.1f}% "
-              f"{q3:+.1f}%){target}")
-    us = routing_cost()
-    print(f"routing in the request path: {us:.1f} us per request, {100 * us / 1000 / statistics.median(means['model']):.4f}% "
-          "of the model server's median round mean")
+              f"{q3:+.1f}%,{ci} {len(ratios)} rounds){target}")
+    for mode, xs in cpu_ms.items():
+        q1, med, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0],) * 3
+        print(f"server CPU per request (ms), {mode:8s}: median {med:.1f} (quartiles {q1:.1f} {q3:.1f})")
+    model_ms = statistics.median(means["model"])
+    for label, mirror in (("routing", None), ("routing + mirror {'green': 20}, Job, Shadow.offer", {"green": 20})):
+        us = routing_cost(mirror=mirror)
+        print(f"{label} in the request path: {us:.1f} us per request, {100 * us / 1000 / model_ms:.4f}% "
+              "of the model server's median round mean")
     if dropped is not None and dropped.status_code == 200:
         lines = [ln for ln in dropped.text.splitlines() if ln.startswith("lmops:shadow_jobs_total")]
         print("shadow jobs:", ", ".join(lines) or "none counted")
