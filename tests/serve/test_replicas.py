@@ -127,7 +127,15 @@ def test_a_canary_with_two_replicas_driving_is_stepped_once_per_step_by_one_driv
                 assert time.monotonic() < deadline, store.rollouts.get(rid)
                 time.sleep(0.1)
             done = store.rollouts.get(rid)
-            entries = [e for e in store.audit.list(500, subject="endpoint:chat") if e.action.startswith("rollout.")]
+
+            def entries_now():
+                return [e for e in store.audit.list(500, subject="endpoint:chat") if e.action.startswith("rollout.")]
+
+            # the outcome is audited just after the rollout's row is written: wait for it, then count
+            while not any(e.action not in ("rollout.started", "rollout.step") for e in entries_now()):
+                assert time.monotonic() < deadline, entries_now()
+                time.sleep(0.1)
+            entries = entries_now()
     finally:
         stop.set()
         for t in senders:
