@@ -9,10 +9,8 @@ cores with the live ones, so while live requests run the worker takes at most se
 the time, on a budget it earns: each second a job waits beside live requests earns share / (1 - share)
 seconds, a job starts beside them only once the budget covers its expected time (the mean of recent jobs
 of its kind), and its measured time is then spent. So the first job of a burst waits too: the budget
-starts empty, and whatever is left of it when the engines go idle is dropped (a debt is kept). Idle means
-no live request for IDLE_S: the moment between one answer and the client's next request (when a batch
-of answers ends together, every engine is empty for a few ms) is not idle time. In idle time a job runs
-at once and costs nothing. The worker, per job:
+starts empty, and whatever is left of it when the engines go idle is dropped (a debt is kept). In idle
+time a job runs at once and costs nothing. The worker, per job:
 
 - for each deployment the router mirrors this request to: the same prompt ids and sampling parameters on
   its engine (tokens only when both deployments share a tokenizer; else the job is not mirrored);
@@ -38,7 +36,6 @@ from lmops.serve.router import Backend, Router
 log = logging.getLogger("lmops.serve")
 
 FIRST_COST_S = 0.25  # a job's expected seconds before one of its kind has been timed
-IDLE_S = 0.2  # no live request running, waiting or answered for this long: the engines are idle
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,6 @@ class Shadow:
         self._busy = 0  # the job being scored now
         self.budget = 0.0  # seconds of shadow work earned beside live requests (negative: owed)
         self._cost: dict[bool, float] = {}  # mean seconds of a job, by whether it mirrors (generates) or only scores
-        self._live_at = float("-inf")  # when a live request was last seen running, waiting or answered
         if metrics is not None:
             metrics.shadow_pending.set_function(lambda: self.pending)
 
@@ -104,7 +100,6 @@ class Shadow:
         return self._vocabs[id(tok)]
 
     def offer(self, job: Job) -> bool:
-        self._live_at = self.clock()  # a live answer just ended: its client may be sending the next
         try:
             self.queue.put_nowait(job)
             return True
@@ -130,7 +125,6 @@ class Shadow:
                 self._cost[kind] = spent if kind not in self._cost else 0.7 * self._cost[kind] + 0.3 * spent
                 if beside or self.live_busy():  # it ran beside live requests (or they came meanwhile): spent
                     self.budget -= spent
-                    self._live_at = self.clock()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - one bad job must not end the worker
@@ -147,22 +141,18 @@ class Shadow:
         return self._cost.get(bool(job.mirrors), FIRST_COST_S)
 
     async def _turn(self, job: Job) -> bool:
-        """Wait until `job` may run: no live request for IDLE_S (False), or the budget earned while it waited
-        beside them covers its expected time (True)."""
+        """Wait until `job` may run: no live request runs (False), or the budget earned while it waited beside
+        them covers its expected time (True)."""
         share = self.cfg.serve.shadow_busy_share
         if share >= 1:
             return self.live_busy()
         last = self.clock()
-        while True:
+        while self.live_busy():
             now = self.clock()
-            if self.live_busy():
-                self._live_at = now
-                self.budget += (now - last) * share / (1 - share)
-                if share > 0 and self.budget >= self.expected_cost(job):
-                    return True
-            elif now - self._live_at >= IDLE_S:
-                break
+            self.budget += (now - last) * share / (1 - share)
             last = now
+            if share > 0 and self.budget >= self.expected_cost(job):
+                return True
             await asyncio.sleep(self.poll_s)
         self.budget = min(self.budget, 0.0)  # idle: what was earned beside one burst is not spent in the next
         return False
