@@ -43,10 +43,13 @@ REFERENCE_SIZE = [
 VAL_LINE = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 
 
-def watch(cmd: list[str], parse) -> tuple[list[tuple[float, int, float]], float]:
-    """Run cmd; return (seconds since launch, step, val loss) for each evaluation it reports, and total wall."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+def watch(cmd: list[str], parse, cwd: Path | None = None, env: dict | None = None, t0: float | None = None
+          ) -> tuple[list[tuple[float, int, float]], float, list[str]]:
+    """Run cmd; (seconds since t0, by default its launch, step, val loss) for each evaluation it reports, the
+    wall time, and its output lines."""
+    start = time.perf_counter() if t0 is None else t0
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
     evals, out = [], []
     for line in proc.stdout:
         out.append(line)
@@ -54,8 +57,8 @@ def watch(cmd: list[str], parse) -> tuple[list[tuple[float, int, float]], float]
         if hit:
             evals.append((time.perf_counter() - start, *hit))
     if proc.wait() != 0:
-        sys.exit(f"{cmd[:4]} failed:\n{''.join(out[-30:])}")
-    return evals, time.perf_counter() - start
+        sys.exit(f"{' '.join(cmd[:4])} failed:\n{''.join(out[-30:])}")
+    return evals, time.perf_counter() - start, out
 
 
 def parse_reference(line: str):
@@ -76,7 +79,8 @@ def time_to_target(evals, target: float = TARGET) -> str:
 def lmops_run(ws: Path, corpus: Path, sets: list[str], run: str) -> tuple[list, float]:
     sets_args = [a for s in [f"data.corpus=[{json.dumps(str(corpus))}]", *sets] for a in ("--set", s)]
     cmd = [sys.executable, "-m", "lmops.cli", "train", "-w", str(ws), "-r", run, "--no-progress", *sets_args]
-    return watch(cmd, parse_lmops)
+    evals, wall, _ = watch(cmd, parse_lmops)
+    return evals, wall
 
 
 def tokens_per_s(metrics: Path, tokens_per_step: int, skip: int = 50) -> float:
@@ -97,7 +101,7 @@ def main() -> None:
 
     print("time to target: nanoGPT CPU recipe (4x128, ctx 64, batch 12, 2000 iters, fp32)", flush=True)
     ref_cmd = [sys.executable, str(HERE / "nanogpt_reference.py"), "--corpus", str(corpus)]
-    ref_evals, ref_wall = watch([*ref_cmd, "--eval-windows", str(eval_windows)], parse_reference)
+    ref_evals, ref_wall, _ = watch([*ref_cmd, "--eval-windows", str(eval_windows)], parse_reference)
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp) / "ws"

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import RECIPE, REFERENCE_SIZE, TARGET, parse_lmops, time_to_target, tokens_per_s  # noqa: E402
+from train_speed import RECIPE, REFERENCE_SIZE, TARGET, parse_lmops, time_to_target, tokens_per_s, watch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NANOGPT_CPU = [  # nanoGPT README, "I only have a macbook" (and the CPU of any other computer)
@@ -48,22 +48,6 @@ NANOGPT_CPU = [  # nanoGPT README, "I only have a macbook" (and the CPU of any o
 ]
 ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 ITER_LINE = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
-
-
-def watch(cmd: list[str], cwd: Path | None, env: dict, parse, t0: float | None = None):
-    """Run cmd; (seconds since t0, step, val loss) at each evaluation it prints, all lines, and the end time."""
-    start = time.perf_counter() if t0 is None else t0
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
-    evals, out = [], []
-    for line in proc.stdout:
-        out.append(line)
-        hit = parse(line)
-        if hit:
-            evals.append((time.perf_counter() - start, *hit))
-    if proc.wait() != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed:\n{''.join(out[-30:])}")
-    return evals, out, time.perf_counter() - start
 
 
 def nanogpt_tokens_per_s(lines: list[str], tokens_per_iter: int, skip: int = 50) -> float:
@@ -102,25 +86,26 @@ def main() -> None:
         def lmops_train(sets: list[str], run: str):
             sets_args = [a for s in [f'data.corpus=["{corpus}"]', *sets] for a in ("--set", s)]
             cmd = [sys.executable, "-m", "lmops.cli", "train", "-w", str(ws), "-r", run, "--no-progress", *sets_args]
-            return watch(cmd, None, env, parse_lmops)
+            evals, wall, lines = watch(cmd, parse_lmops, None, env)
+            return evals, lines, wall
 
         if not args.skip_time_to_target:
             print("time to target: nanoGPT " + " ".join(NANOGPT_CPU), flush=True)
             t0 = time.perf_counter()
-            watch([sys.executable, "data/shakespeare_char/prepare.py"], ng, env, lambda _: None, t0)
-            ref_evals, ref_lines, ref_wall = watch([sys.executable, "train.py", *NANOGPT_CPU], ng, env, parse_lmops, t0)
+            watch([sys.executable, "data/shakespeare_char/prepare.py"], lambda _: None, ng, env, t0)
+            ref_evals, ref_wall, ref_lines = watch([sys.executable, "train.py", *NANOGPT_CPU], parse_lmops, ng, env, t0)
             ref_run_tps = nanogpt_tokens_per_s(ref_lines, 12 * 64)
             print("time to target: lmops " + " ".join(RECIPE), flush=True)
             ours_evals, _, ours_wall = lmops_train(RECIPE, "recipe")
             ours_run_tps = tokens_per_s(ws / ".lmops" / "runs" / "recipe" / "metrics.jsonl", 32 * 64)
         else:  # the prepared data is needed for the throughput rounds
-            watch([sys.executable, "data/shakespeare_char/prepare.py"], ng, env, lambda _: None)
+            watch([sys.executable, "data/shakespeare_char/prepare.py"], lambda _: None, ng, env)
 
         ref_tps, ours_tps = [], []
         throughput = [a.replace("max_iters=2000", "max_iters=400") for a in NANOGPT_CPU] + ["--eval_interval=100000"]
         for r in range(args.rounds):
             print(f"throughput round {r + 1}/{args.rounds}", flush=True)
-            _, lines, _ = watch([sys.executable, "train.py", *throughput], ng, env, lambda _: None)
+            _, _, lines = watch([sys.executable, "train.py", *throughput], lambda _: None, ng, env)
             ref_tps.append(nanogpt_tokens_per_s(lines, 12 * 64))
             lmops_train(REFERENCE_SIZE, "throughput")
             ours_tps.append(tokens_per_s(ws / ".lmops" / "runs" / "throughput" / "metrics.jsonl", 12 * 64))
