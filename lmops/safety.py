@@ -364,8 +364,8 @@ def unsettled(text: str, cfg: SafetyConfig, limit: int) -> int:
     A stream sends text[:unsettled(...)] and holds the rest: what may be PII or a blocklisted term still
     being written. By kind: an e-mail, an IP address, a key or token, a secret's value are written without
     whitespace, so the last run of non-whitespace is held; a phone or card number is digits and separators
-    (` .-()+/`), so the last run of those from a digit, `+` or `(`; a blocklisted term, from the earliest word start whose text so
-    far begins a term. Only rules that change or end a stream count (pii_action redact or block,
+    (` .-()+/`), so the last run of those from a digit, `+` or `(`; a blocklisted term, from the earliest
+    word start whose text so far begins a term. Only rules that change or end a stream count (pii_action redact or block,
     blocklist_action block): a flag changes nothing sent. Never more than the last `limit` characters
     (serve.moderation_holdback_chars): longer PII may be partly sent before it is recognised. The scan
     reads at most `limit` characters, whatever the length of text.
